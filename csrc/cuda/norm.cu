@@ -1,0 +1,759 @@
+// LayerNorm and RMSNorm, forward and backward, for fp32 / fp16 / bf16 storage.
+//
+// Both norms share every kernel; the template flag CENTERED selects LayerNorm
+// (subtract the mean, optional bias) over RMSNorm.  All math is fp32.
+//
+// Work decomposition.  A "row group" of G threads owns one row at a time:
+//   * G == 32 (one warp per row, ROWS rows per block) for narrow rows, so the
+//     row reductions are pure register shuffles with no __syncthreads;
+//   * G in {128, 512, 1024} with ROWS == 1 (one block per row) for wide rows;
+//     warps reduce by shuffle, then every thread folds the per-warp results
+//     from shared memory in the same fixed order.
+// Each thread owns the chunks c = tid, tid + G, ... of VEC contiguous elements.
+// VEC is 16 bytes worth of elements when all base pointers are 16-byte aligned
+// and N and the row strides are multiples of VEC, else 1 (scalar path).
+//
+// Forward.  When the row fits in CPT chunks per thread it is held in registers
+// and the LayerNorm variance is an exact two-pass mean((x - mean)^2) over the
+// registers.  Wider rows are streamed: each thread builds a Welford/Chan
+// (count, mean, M2) state from per-chunk two-pass statistics, the states are
+// merged across the group, and a second read of the row writes y.  Neither
+// path forms E[x^2] - E[x]^2, so rows with a large offset keep their accuracy.
+//
+// Backward.  Block b of the dx kernel owns the contiguous rows
+// [b*M/P, (b+1)*M/P) with P = norm_bwd_partial_rows(M, N), a function of M and
+// N only.  It writes dx for those rows and the fp32 column sums of dy*xhat and
+// dy over them into partial row b of the workspace, accumulated in registers
+// (narrow rows) or directly in that block-private workspace row (wide rows).
+// A second kernel sums the P partial rows of every column in a fixed order.
+// With no atomics anywhere, dweight/dbias are bitwise reproducible.
+
+#include "norm.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastcore {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; kernels grid-stride past it
+
+// ---------------------------------------------------------------------------
+// Element access
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// The alignment makes the compiler emit a single 16-byte access for VEC*sizeof(T) == 16.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// ---------------------------------------------------------------------------
+// Row-group reductions
+// ---------------------------------------------------------------------------
+
+template <int K>
+struct SumState {
+  float v[K];
+  __device__ __forceinline__ void combine(const SumState& o) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] += o.v[i];
+  }
+  __device__ __forceinline__ SumState shfl_xor(int lane_mask) const {
+    SumState r;
+#pragma unroll
+    for (int i = 0; i < K; ++i) r.v[i] = __shfl_xor_sync(kFullMask, v[i], lane_mask);
+    return r;
+  }
+};
+
+// Chan's parallel merge.  The formulas are symmetric in (a, b) and use the
+// non-contracting intrinsics, so both partners of an xor-butterfly compute
+// bitwise identical states and every lane ends with the same mean/M2.
+struct WelfordState {
+  float n, mean, m2;
+  __device__ __forceinline__ void combine(const WelfordState& o) {
+    const float n_ab = n + o.n;
+    if (n_ab == 0.f) return;  // both empty (threads with no chunks)
+    const float inv = 1.f / n_ab;
+    const float d = o.mean - mean;
+    const float new_mean = __fmul_rn(__fadd_rn(__fmul_rn(n, mean), __fmul_rn(o.n, o.mean)), inv);
+    m2 = __fadd_rn(__fadd_rn(m2, o.m2), __fmul_rn(__fmul_rn(d, d), __fmul_rn(__fmul_rn(n, o.n), inv)));
+    mean = new_mean;
+    n = n_ab;
+  }
+  __device__ __forceinline__ WelfordState shfl_xor(int lane_mask) const {
+    return WelfordState{__shfl_xor_sync(kFullMask, n, lane_mask),
+                        __shfl_xor_sync(kFullMask, mean, lane_mask),
+                        __shfl_xor_sync(kFullMask, m2, lane_mask)};
+  }
+};
+
+// All-reduce over a row group of G threads; every thread gets the result.
+// G is a multiple of 32 (static_assert in the kernels), so every warp is full
+// and the full-mask shuffles are valid.  For G > 32 the group is the whole
+// block (ROWS == 1) and `smem` holds G/32 states.
+template <int G, class S>
+__device__ __forceinline__ S row_allreduce(S s, S* smem) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) s.combine(s.shfl_xor(m));
+  if constexpr (G > 32) {
+    constexpr int kWarps = G / 32;
+    const int warp = static_cast<int>(threadIdx.x) / 32;
+    if ((threadIdx.x & 31) == 0) smem[warp] = s;
+    __syncthreads();
+    S r = smem[0];
+#pragma unroll
+    for (int i = 1; i < kWarps; ++i) r.combine(smem[i]);
+    // The caller may reduce again right away into the same buffer.
+    __syncthreads();
+    return r;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct FwdParams {
+  const T* x;
+  int64_t x_stride;
+  const T* w;  // nullable
+  const T* b;  // nullable
+  T* y;
+  float* mean;  // nullable
+  float* rstd;  // nullable
+  int64_t M;
+  int64_t N;
+  float eps;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void write_normalized(const FwdParams<T>& p, T* yr, int64_t col,
+                                                 const float (&v)[VEC], float mu, float r) {
+  float o[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = (v[i] - mu) * r;
+  if (p.w != nullptr) {
+    float wv[VEC];
+    load_f<T, VEC>(p.w + col, wv);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] *= wv[i];
+  }
+  if (p.b != nullptr) {
+    float bv[VEC];
+    load_f<T, VEC>(p.b + col, bv);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[i] += bv[i];
+  }
+  store_f<T, VEC>(yr + col, o);
+}
+
+// CPT > 0: the row must fit in CPT chunks per thread (host guarantees
+// N <= G * CPT * VEC).  CPT == 0: streamed rows of any length.
+template <typename T, int VEC, int G, int ROWS, int CPT, bool CENTERED>
+__global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p) {
+  static_assert(G % 32 == 0 && G <= 1024, "row group must be whole warps");
+  static_assert(G == 32 || ROWS == 1, "block-wide groups own the whole block");
+  __shared__ SumState<1> red_sum[G / 32];
+  __shared__ WelfordState red_wf[G / 32];
+
+  const int tid = static_cast<int>(threadIdx.x) % G;
+  const int64_t nchunks = p.N / VEC;
+  const float n_f = static_cast<float>(p.N);
+
+  // For G > 32 the trip count is block-uniform, which the __syncthreads in
+  // row_allreduce relies on.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / G; row < p.M;
+       row += static_cast<int64_t>(gridDim.x) * ROWS) {
+    const T* xr = p.x + row * p.x_stride;
+    T* yr = p.y + row * p.N;
+    float mu = 0.f;
+    float var;
+    if constexpr (CPT > 0) {
+      float v[CPT][VEC];
+      float s = 0.f;
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int64_t c = tid + static_cast<int64_t>(k) * G;
+        if (c < nchunks) {
+          load_f<T, VEC>(xr + c * VEC, v[k]);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) s += CENTERED ? v[k][i] : v[k][i] * v[k][i];
+        } else {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
+        }
+      }
+      s = row_allreduce<G>(SumState<1>{{s}}, red_sum).v[0];
+      if constexpr (CENTERED) {
+        mu = s / n_f;
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < CPT; ++k) {
+          // Padding chunks must not contribute (0 - mu)^2.
+          if (tid + static_cast<int64_t>(k) * G < nchunks) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              const float d = v[k][i] - mu;
+              ss += d * d;
+            }
+          }
+        }
+        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] / n_f;
+      } else {
+        var = s / n_f;
+      }
+      const float r = rsqrtf(var + p.eps);
+      if (tid == 0) {
+        if (p.mean != nullptr) p.mean[row] = mu;
+        if (p.rstd != nullptr) p.rstd[row] = r;
+      }
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int64_t c = tid + static_cast<int64_t>(k) * G;
+        if (c < nchunks) write_normalized<T, VEC>(p, yr, c * VEC, v[k], mu, r);
+      }
+    } else {
+      if constexpr (CENTERED) {
+        WelfordState st{0.f, 0.f, 0.f};
+        for (int64_t c = tid; c < nchunks; c += G) {
+          float v[VEC];
+          load_f<T, VEC>(xr + c * VEC, v);
+          float cs = 0.f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) cs += v[i];
+          const float cm = cs * (1.f / VEC);  // VEC is a power of two: exact
+          float cm2 = 0.f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            const float d = v[i] - cm;
+            cm2 += d * d;
+          }
+          st.combine(WelfordState{static_cast<float>(VEC), cm, cm2});
+        }
+        st = row_allreduce<G>(st, red_wf);
+        mu = st.mean;
+        var = st.m2 / n_f;
+      } else {
+        float ss = 0.f;
+        for (int64_t c = tid; c < nchunks; c += G) {
+          float v[VEC];
+          load_f<T, VEC>(xr + c * VEC, v);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) ss += v[i] * v[i];
+        }
+        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] / n_f;
+      }
+      const float r = rsqrtf(var + p.eps);
+      if (tid == 0) {
+        if (p.mean != nullptr) p.mean[row] = mu;
+        if (p.rstd != nullptr) p.rstd[row] = r;
+      }
+      for (int64_t c = tid; c < nchunks; c += G) {
+        float v[VEC];
+        load_f<T, VEC>(xr + c * VEC, v);
+        write_normalized<T, VEC>(p, yr, c * VEC, v, mu, r);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct BwdParams {
+  const T* dy;
+  int64_t dy_stride;
+  const T* x;
+  int64_t x_stride;
+  const T* w;         // nullable
+  const float* mean;  // unused (may be null) for RMSNorm
+  const float* rstd;
+  T* dx;
+  float* ws_dw;  // nullable: P x N partial rows of sum(dy * xhat)
+  float* ws_db;  // nullable: P x N partial rows of sum(dy)
+  int64_t M;
+  int64_t N;
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void bwd_load(const BwdParams<T>& p, const T* xr, const T* dyr, int64_t col,
+                                         float mu, float r, float (&xh)[VEC], float (&g)[VEC],
+                                         float (&d)[VEC]) {
+  float xv[VEC];
+  load_f<T, VEC>(xr + col, xv);
+  load_f<T, VEC>(dyr + col, d);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) xh[i] = (xv[i] - mu) * r;
+  if (p.w != nullptr) {
+    float wv[VEC];
+    load_f<T, VEC>(p.w + col, wv);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) g[i] = d[i] * wv[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) g[i] = d[i];
+  }
+}
+
+template <int NS, int VEC>
+__device__ __forceinline__ void add_row_sums(SumState<NS>& s, const float (&xh)[VEC], const float (&g)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    s.v[0] += g[i] * xh[i];
+    if constexpr (NS > 1) s.v[1] += g[i];
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void write_dx(T* dxr, int64_t col, const float (&xh)[VEC], const float (&g)[VEC],
+                                         float r, float c1, float c2) {
+  float o[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) o[i] = r * (g[i] - (xh[i] * c1 + c2));
+  store_f<T, VEC>(dxr + col, o);
+}
+
+// dst[i] = v[i] (overwrite) or dst[i] += v[i].  dst is only ever touched by
+// the calling thread, so the read-modify-write needs no synchronisation.
+template <int VEC>
+__device__ __forceinline__ void partial_update(float* dst, const float (&v)[VEC], bool overwrite) {
+  if constexpr (VEC % 4 == 0) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+      float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+      for (int q = 0; q < VEC / 4; ++q) {
+        float4 t = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+        if (!overwrite) {
+          const float4 o = d4[q];
+          t.x += o.x;
+          t.y += o.y;
+          t.z += o.z;
+          t.w += o.w;
+        }
+        d4[q] = t;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = overwrite ? v[i] : dst[i] + v[i];
+}
+
+// Warp-per-row blocks: fold the ROWS per-warp register partials through
+// shared memory (ROWS * N floats) in warp order and store the block's row.
+template <int VEC, int CPT, int ROWS>
+__device__ __forceinline__ void flush_warp_partials(float* part, const float (&acc)[CPT][VEC], float* dst,
+                                                    int sub, int lane, int64_t nchunks, int64_t N) {
+  if (dst == nullptr) return;  // block-uniform, so skipping the barriers is safe
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int64_t c = lane + static_cast<int64_t>(k) * 32;
+    if (c < nchunks) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) part[sub * N + c * VEC + i] = acc[k][i];
+    }
+  }
+  __syncthreads();
+  for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
+    float s = part[col];
+#pragma unroll
+    for (int j = 1; j < ROWS; ++j) s += part[j * N + col];
+    dst[col] = s;
+  }
+  __syncthreads();  // `part` is reused for the next region
+}
+
+// ACC_REG: dw/db partials live in registers (requires the row to fit in CPT
+// chunks).  Otherwise they accumulate in the block's own workspace row, the
+// first CPT chunks of a row are still cached in registers and the rest is
+// re-read from global memory for the dx pass.
+template <typename T, int VEC, int G, int ROWS, int CPT, bool ACC_REG, bool CENTERED>
+__global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p) {
+  static_assert(G % 32 == 0 && G <= 1024, "row group must be whole warps");
+  static_assert(G == 32 || ROWS == 1, "block-wide groups own the whole block");
+  static_assert(ACC_REG || ROWS == 1, "workspace accumulation assumes one row group per block");
+  static_assert(CPT > 0 || !ACC_REG, "register accumulation needs a cached row");
+  constexpr int NS = CENTERED ? 2 : 1;
+  constexpr int CC = CPT > 0 ? CPT : 1;
+  constexpr int NA = ACC_REG ? CPT : 1;
+  __shared__ SumState<NS> red[G / 32];
+
+  const int tid = static_cast<int>(threadIdx.x) % G;
+  const int sub = static_cast<int>(threadIdx.x) / G;
+  const int64_t N = p.N;
+  const int64_t nchunks = N / VEC;
+  const float n_f = static_cast<float>(N);
+  const int64_t P = gridDim.x;
+  // Even split: every block owns >= 1 row because P <= M.
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * p.M / P;
+  const int64_t row_end = (static_cast<int64_t>(blockIdx.x) + 1) * p.M / P;
+  float* ws_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+  float* ws_db = (CENTERED && p.ws_db != nullptr) ? p.ws_db + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+
+  float dw_acc[NA][VEC];
+  float db_acc[NA][VEC];
+#pragma unroll
+  for (int k = 0; k < NA; ++k) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      dw_acc[k][i] = 0.f;
+      db_acc[k][i] = 0.f;
+    }
+  }
+
+  // Rows are visited in increasing order by each row group; that order fixes
+  // the summation order of the partials.
+  for (int64_t row = row_begin + sub; row < row_end; row += ROWS) {
+    const bool first = row == row_begin;
+    const float mu = CENTERED ? p.mean[row] : 0.f;
+    const float r = p.rstd[row];
+    const T* xr = p.x + row * p.x_stride;
+    const T* dyr = p.dy + row * p.dy_stride;
+    T* dxr = p.dx + row * N;
+
+    float xh[CC][VEC];
+    float g[CC][VEC];
+    SumState<NS> s{};
+
+    auto add_partials = [&](int64_t col, const float (&d)[VEC], const float (&xhat)[VEC]) {
+      float t[VEC];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) t[i] = d[i] * xhat[i];
+      if (ws_dw != nullptr) partial_update<VEC>(ws_dw + col, t, first);
+      if (ws_db != nullptr) partial_update<VEC>(ws_db + col, d, first);
+    };
+
+    // Pass 1: row sums (and dw/db partials).
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int64_t c = tid + static_cast<int64_t>(k) * G;
+      if (c < nchunks) {
+        float d[VEC];
+        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, xh[k], g[k], d);
+        add_row_sums<NS, VEC>(s, xh[k], g[k]);
+        if constexpr (ACC_REG) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            dw_acc[k][i] += d[i] * xh[k][i];
+            if constexpr (CENTERED) db_acc[k][i] += d[i];
+          }
+        } else {
+          add_partials(c * VEC, d, xh[k]);
+        }
+      }
+    }
+    if constexpr (!ACC_REG) {
+      for (int64_t c = tid + static_cast<int64_t>(CPT) * G; c < nchunks; c += G) {
+        float a[VEC], gg[VEC], d[VEC];
+        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, a, gg, d);
+        add_row_sums<NS, VEC>(s, a, gg);
+        add_partials(c * VEC, d, a);
+      }
+    }
+
+    s = row_allreduce<G>(s, red);
+    const float c1 = s.v[0] / n_f;
+    const float c2 = CENTERED ? s.v[NS - 1] / n_f : 0.f;
+
+    // Pass 2: dx.
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) {
+      const int64_t c = tid + static_cast<int64_t>(k) * G;
+      if (c < nchunks) write_dx<T, VEC>(dxr, c * VEC, xh[k], g[k], r, c1, c2);
+    }
+    if constexpr (!ACC_REG) {
+      for (int64_t c = tid + static_cast<int64_t>(CPT) * G; c < nchunks; c += G) {
+        float a[VEC], gg[VEC], d[VEC];
+        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, a, gg, d);
+        write_dx<T, VEC>(dxr, c * VEC, a, gg, r, c1, c2);
+      }
+    }
+  }
+
+  if constexpr (ACC_REG) {
+    if constexpr (ROWS == 1) {
+#pragma unroll
+      for (int k = 0; k < CPT; ++k) {
+        const int64_t c = tid + static_cast<int64_t>(k) * G;
+        if (c < nchunks) {
+          if (ws_dw != nullptr) partial_update<VEC>(ws_dw + c * VEC, dw_acc[k], true);
+          if constexpr (CENTERED) {
+            if (ws_db != nullptr) partial_update<VEC>(ws_db + c * VEC, db_acc[k], true);
+          }
+        }
+      }
+    } else {
+      extern __shared__ float part[];  // ROWS * N floats
+      flush_warp_partials<VEC, CPT, ROWS>(part, dw_acc, ws_dw, sub, tid, nchunks, N);
+      if constexpr (CENTERED) flush_warp_partials<VEC, CPT, ROWS>(part, db_acc, ws_db, sub, tid, nchunks, N);
+    }
+  }
+}
+
+// Sums the P partial rows of each column in a fixed order: thread (tx, ty)
+// adds rows ty, ty + 16, ... of column tx, then the 16 results are added in ty
+// order.  blockIdx.y selects the region (dweight or dbias).
+constexpr int kRedCols = 32;
+constexpr int kRedRows = 16;
+
+__global__ void __launch_bounds__(kRedCols * kRedRows)
+reduce_partials_kernel(const float* src0, float* dst0, const float* src1, float* dst1, int64_t P, int64_t N) {
+  __shared__ float tile[kRedRows][kRedCols + 1];
+  const float* src = blockIdx.y == 0 ? src0 : src1;
+  float* dst = blockIdx.y == 0 ? dst0 : dst1;
+  const int tx = static_cast<int>(threadIdx.x) % kRedCols;
+  const int ty = static_cast<int>(threadIdx.x) / kRedCols;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kRedCols + tx;
+  float s = 0.f;
+  if (col < N) {
+    for (int64_t r = ty; r < P; r += kRedRows) s += src[r * N + col];
+  }
+  tile[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && col < N) {
+    float t = tile[0][tx];
+#pragma unroll
+    for (int j = 1; j < kRedRows; ++j) t += tile[j][tx];
+    dst[col] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host dispatch
+// ---------------------------------------------------------------------------
+
+inline bool aligned16(const void* ptr) {
+  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+}
+
+template <typename T>
+constexpr int kVecWidth = static_cast<int>(16 / sizeof(T));
+
+// Elements per thread held in registers = E; chunks per thread = E / VEC.
+template <typename T, int VEC, bool CENTERED>
+cudaError_t fwd_launch(const FwdParams<T>& p, cudaStream_t stream) {
+  const int64_t M = p.M, N = p.N;
+  auto go = [&](auto kernel, int g, int rows) {
+    const int64_t blocks = (M + rows - 1) / rows;
+    const unsigned grid = static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX);
+    kernel<<<grid, g * rows, 0, stream>>>(p);
+  };
+  if (N <= 256) {
+    go(norm_fwd_kernel<T, VEC, 32, 4, 8 / VEC, CENTERED>, 32, 4);
+  } else if (N <= 1024) {
+    go(norm_fwd_kernel<T, VEC, 32, 4, 32 / VEC, CENTERED>, 32, 4);
+  } else if (N <= 4096) {
+    go(norm_fwd_kernel<T, VEC, 128, 1, 32 / VEC, CENTERED>, 128, 1);
+  } else if (N <= 16384) {
+    go(norm_fwd_kernel<T, VEC, 512, 1, 32 / VEC, CENTERED>, 512, 1);
+  } else {
+    go(norm_fwd_kernel<T, VEC, 1024, 1, 0, CENTERED>, 1024, 1);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool CENTERED>
+cudaError_t fwd_dispatch(const void* x, int64_t xs, const void* w, const void* b, void* y, float* mean,
+                         float* rstd, int64_t M, int64_t N, float eps, cudaStream_t stream) {
+  const FwdParams<T> p{static_cast<const T*>(x), xs, static_cast<const T*>(w), static_cast<const T*>(b),
+                       static_cast<T*>(y), mean, rstd, M, N, eps};
+  constexpr int V = kVecWidth<T>;
+  const bool vec = N % V == 0 && xs % V == 0 && aligned16(x) && aligned16(w) && aligned16(b) && aligned16(y);
+  return vec ? fwd_launch<T, V, CENTERED>(p, stream) : fwd_launch<T, 1, CENTERED>(p, stream);
+}
+
+// The (G, ROWS) choice depends only on N, so the row -> (block, warp)
+// assignment, and with it the dw/db summation order, is the same for every
+// dtype and for the vector and scalar paths.
+template <typename T, int VEC, bool CENTERED>
+cudaError_t bwd_launch(const BwdParams<T>& p, int64_t P, cudaStream_t stream) {
+  const int64_t N = p.N;
+  const unsigned grid = static_cast<unsigned>(P);
+  auto go = [&](auto kernel, int g, int rows) {
+    const size_t smem = rows > 1 ? static_cast<size_t>(rows) * static_cast<size_t>(N) * sizeof(float) : 0;
+    kernel<<<grid, g * rows, smem, stream>>>(p);
+  };
+  if (N <= 256) {
+    go(norm_bwd_kernel<T, VEC, 32, 4, 8 / VEC, true, CENTERED>, 32, 4);
+  } else if (N <= 512) {
+    go(norm_bwd_kernel<T, VEC, 32, 4, 16 / VEC, true, CENTERED>, 32, 4);
+  } else if (N <= 2048) {
+    go(norm_bwd_kernel<T, VEC, 128, 1, 16 / VEC, true, CENTERED>, 128, 1);
+  } else if (N <= 8192) {
+    go(norm_bwd_kernel<T, VEC, 512, 1, 16 / VEC, true, CENTERED>, 512, 1);
+  } else {
+    go(norm_bwd_kernel<T, VEC, 1024, 1, 16 / VEC, false, CENTERED>, 1024, 1);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool CENTERED>
+cudaError_t bwd_dispatch(const void* dy, int64_t dys, const void* x, int64_t xs, const void* w,
+                         const float* mean, const float* rstd, void* dx, float* dweight, float* dbias,
+                         float* workspace, int64_t M, int64_t N, cudaStream_t stream) {
+  const int64_t P = norm_bwd_partial_rows(M, N);
+  float* ws_dw = dweight != nullptr ? workspace : nullptr;
+  float* ws_db = dbias != nullptr ? workspace + (dweight != nullptr ? P * N : 0) : nullptr;
+  const BwdParams<T> p{static_cast<const T*>(dy), dys, static_cast<const T*>(x), xs, static_cast<const T*>(w),
+                       mean, rstd, static_cast<T*>(dx), ws_dw, ws_db, M, N};
+  constexpr int V = kVecWidth<T>;
+  const bool vec = N % V == 0 && xs % V == 0 && dys % V == 0 && aligned16(dy) && aligned16(x) &&
+                   aligned16(w) && aligned16(dx);
+  cudaError_t err = vec ? bwd_launch<T, V, CENTERED>(p, P, stream) : bwd_launch<T, 1, CENTERED>(p, P, stream);
+  if (err != cudaSuccess) return err;
+
+  if (ws_dw != nullptr || ws_db != nullptr) {
+    const float* src0 = ws_dw != nullptr ? ws_dw : ws_db;
+    float* dst0 = ws_dw != nullptr ? dweight : dbias;
+    const bool both = ws_dw != nullptr && ws_db != nullptr;
+    const dim3 grid(static_cast<unsigned>((N + kRedCols - 1) / kRedCols), both ? 2u : 1u);
+    reduce_partials_kernel<<<grid, kRedCols * kRedRows, 0, stream>>>(src0, dst0, ws_db, dbias, P, N);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+// With no rows the parameter gradients are exactly zero; leaving them
+// unwritten would hand uninitialised memory back to the caller.
+cudaError_t zero_grads(float* dweight, float* dbias, int64_t N, cudaStream_t stream) {
+  const size_t bytes = static_cast<size_t>(N) * sizeof(float);
+  if (dweight != nullptr) {
+    const cudaError_t e = cudaMemsetAsync(dweight, 0, bytes, stream);
+    if (e != cudaSuccess) return e;
+  }
+  if (dbias != nullptr) return cudaMemsetAsync(dbias, 0, bytes, stream);
+  return cudaSuccess;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------
+
+int64_t norm_bwd_partial_rows(int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return 0;
+  // Aim for ~2M floats per workspace region (so the partial reduction stays
+  // small next to the dx pass), with 32..1024 blocks for parallelism.
+  int64_t p = (int64_t{1} << 21) / N;
+  if (p < 32) p = 32;
+  if (p > 1024) p = 1024;
+  return p < M ? p : M;
+}
+
+int64_t norm_bwd_workspace_floats(int64_t M, int64_t N, bool has_weight, bool has_bias) {
+  const int64_t regions = (has_weight ? 1 : 0) + (has_bias ? 1 : 0);
+  return norm_bwd_partial_rows(M, N) * N * regions;
+}
+
+cudaError_t layer_norm_fwd(DType dt, const void* x, int64_t x_row_stride, const void* weight, const void* bias,
+                           void* y, float* mean, float* rstd, int64_t M, int64_t N, float eps,
+                           cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  switch (dt) {
+    case DType::f32:
+      return fwd_dispatch<float, true>(x, x_row_stride, weight, bias, y, mean, rstd, M, N, eps, stream);
+    case DType::f16:
+      return fwd_dispatch<__half, true>(x, x_row_stride, weight, bias, y, mean, rstd, M, N, eps, stream);
+    case DType::bf16:
+      return fwd_dispatch<__nv_bfloat16, true>(x, x_row_stride, weight, bias, y, mean, rstd, M, N, eps, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t rms_norm_fwd(DType dt, const void* x, int64_t x_row_stride, const void* weight, void* y, float* rstd,
+                         int64_t M, int64_t N, float eps, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  switch (dt) {
+    case DType::f32:
+      return fwd_dispatch<float, false>(x, x_row_stride, weight, nullptr, y, nullptr, rstd, M, N, eps, stream);
+    case DType::f16:
+      return fwd_dispatch<__half, false>(x, x_row_stride, weight, nullptr, y, nullptr, rstd, M, N, eps, stream);
+    case DType::bf16:
+      return fwd_dispatch<__nv_bfloat16, false>(x, x_row_stride, weight, nullptr, y, nullptr, rstd, M, N, eps,
+                                                stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t layer_norm_bwd(DType dt, const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                           const void* weight, const float* mean, const float* rstd, void* dx, float* dweight,
+                           float* dbias, float* workspace, int64_t M, int64_t N, cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (M <= 0) return zero_grads(dweight, dbias, N, stream);
+  switch (dt) {
+    case DType::f32:
+      return bwd_dispatch<float, true>(dy, dy_row_stride, x, x_row_stride, weight, mean, rstd, dx, dweight, dbias,
+                                       workspace, M, N, stream);
+    case DType::f16:
+      return bwd_dispatch<__half, true>(dy, dy_row_stride, x, x_row_stride, weight, mean, rstd, dx, dweight, dbias,
+                                        workspace, M, N, stream);
+    case DType::bf16:
+      return bwd_dispatch<__nv_bfloat16, true>(dy, dy_row_stride, x, x_row_stride, weight, mean, rstd, dx, dweight,
+                                               dbias, workspace, M, N, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t rms_norm_bwd(DType dt, const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                         const void* weight, const float* rstd, void* dx, float* dweight, float* workspace,
+                         int64_t M, int64_t N, cudaStream_t stream) {
+  if (N <= 0) return cudaSuccess;
+  if (M <= 0) return zero_grads(dweight, nullptr, N, stream);
+  switch (dt) {
+    case DType::f32:
+      return bwd_dispatch<float, false>(dy, dy_row_stride, x, x_row_stride, weight, nullptr, rstd, dx, dweight,
+                                        nullptr, workspace, M, N, stream);
+    case DType::f16:
+      return bwd_dispatch<__half, false>(dy, dy_row_stride, x, x_row_stride, weight, nullptr, rstd, dx, dweight,
+                                         nullptr, workspace, M, N, stream);
+    case DType::bf16:
+      return bwd_dispatch<__nv_bfloat16, false>(dy, dy_row_stride, x, x_row_stride, weight, nullptr, rstd, dx,
+                                                dweight, nullptr, workspace, M, N, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fastcore

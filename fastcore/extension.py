@@ -1,0 +1,182 @@
+"""The C++/CUDA extension ``fastcore._C``, compiled just in time on first use.
+
+The build is cached per (torch, python, CPU flags, CUDA) and serialised with an
+exclusive file lock, so several processes starting at once build it once.
+If no compiler is found the ``cpu``/``cuda`` backends report why, and
+everything else keeps working.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+_module = None
+_error: str | None = None
+
+CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+
+
+def source_dir() -> Path | None:
+    """Where csrc/ lives: beside the package in a checkout, inside it once installed."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if (candidate / "bindings.cpp").exists():
+            return candidate
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTCORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastcore")
+    return Path(root)
+
+
+def _cuda_wanted() -> bool:
+    from torch.utils import cpp_extension
+
+    return bool(torch.version.cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+
+def _sources(with_cuda: bool) -> list[Path]:
+    src = source_dir()
+    files = [src / "bindings.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((src / "cuda").glob("*.cu"))
+    return files
+
+
+def _cpu_flags_digest() -> str:
+    # -march=native code must never be reused on a CPU with fewer instructions.
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _ensure_ninja_on_path() -> bool:
+    # The ninja wheel's binary is not on PATH when the venv is not activated.
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    return shutil.which("ninja") is not None
+
+
+def why_unavailable() -> str | None:
+    """None when the extension is loaded or can be built, else why not (no build is started)."""
+    if _module is not None:
+        return None
+    if _error is not None:
+        return _error
+    if source_dir() is None:
+        return "its C++ sources (csrc/) are missing from this installation"
+    if _compiler() is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    if not _ensure_ninja_on_path():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def state() -> str:
+    """One line for `fastcore info`."""
+    if _module is not None:
+        return f"loaded ({'CPU+CUDA' if has_cuda() else 'CPU'}) from {_module.__file__}"
+    reason = why_unavailable()
+    if reason is not None:
+        return f"unavailable: {reason}"
+    build = _build_dir(_cuda_wanted())
+    if (build / "fastcore.stamp").exists():
+        return f"built, cached in {build}"
+    return f"not built yet; compiles on first use into {build}"
+
+
+def has_cuda() -> bool:
+    return _module is not None and bool(getattr(_module, "WITH_CUDA", False))
+
+
+def _build_dir(with_cuda: bool) -> Path:
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"torch{torch.__version__}-{py}-{platform.machine()}-{_cpu_flags_digest()}"
+    return cache_dir() / "ext" / (tag + ("-cuda" if with_cuda else "-cpu"))
+
+
+def _digest(sources: list[Path]) -> str:
+    h = hashlib.sha1(" ".join(CXX_FLAGS + CUDA_FLAGS).encode())
+    for f in sorted(source_dir().rglob("*")):
+        if f.suffix in (".cpp", ".cu", ".h"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def load():
+    """Build (once, cached) and import ``fastcore._C``; raise RuntimeError saying why when it cannot."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    reason = why_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"the fastcore C++ extension is unavailable: {reason}")
+    from torch.utils import cpp_extension
+
+    with_cuda = _cuda_wanted()
+    sources = _sources(with_cuda)
+    build = _build_dir(with_cuda)
+    build.mkdir(parents=True, exist_ok=True)
+    stamp = build / "fastcore.stamp"
+    digest = _digest(sources)
+    with open(build / "fastcore.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
+        try:
+            # torch's own baton file outlives a killed build and would block forever; we hold the lock.
+            (build / "lock").unlink(missing_ok=True)
+            fresh = not (stamp.exists() and stamp.read_text() == digest)
+            if fresh:
+                print(f"fastcore: compiling the C++ extension (once; cached in {build}) ...", file=sys.stderr, flush=True)
+            cflags = CXX_FLAGS + (["-DFASTCORE_WITH_CUDA"] if with_cuda else [])
+            module = cpp_extension.load(
+                name="fastcore_C", sources=[str(s) for s in sources],
+                extra_cflags=cflags, extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(source_dir())],
+                build_directory=str(build), with_cuda=with_cuda, verbose=False)
+            if fresh:
+                stamp.write_text(digest)
+        except Exception as exc:  # compiler errors: keep the reason, let other backends run
+            _error = f"building it failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+            raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from exc
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    sys.modules["fastcore._C"] = module
+    _module = module
+    return module
+
+
+def try_load() -> bool:
+    """Load the extension for ``auto``; on failure warn once and return False."""
+    if _module is not None:
+        return True
+    if _error is not None:
+        return False
+    try:
+        load()
+        return True
+    except RuntimeError as exc:
+        warnings.warn(f"{exc}; falling back to other backends", RuntimeWarning, stacklevel=3)
+        return False

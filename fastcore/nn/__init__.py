@@ -1,0 +1,4 @@
+"""Drop-in modules: same constructor arguments and state_dict keys as the PyTorch classes they replace."""
+from fastcore.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

@@ -1,0 +1,4 @@
+"""Public functional ops: argument checks, backend dispatch, autograd and torch.compile registration."""
+from fastcore.ops.norm import layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm"]

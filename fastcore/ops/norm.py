@@ -1,0 +1,160 @@
+"""LayerNorm and RMSNorm: the public functions, their autograd, and their torch.compile registration.
+
+Both ops share one pair of custom ops (``fastcore::norm_fwd`` / ``fastcore::norm_bwd``);
+``centered`` tells LayerNorm (subtract the mean, optional bias) from RMSNorm.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastcore import reference
+from fastcore.backends import resolve_backend
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    """LayerNorm over the last dim of ``x``: ``(x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Statistics are computed in float32 (float64 for float64 input). ``weight`` and ``bias``
+    are cast to ``x.dtype`` when they differ; their gradients come back in their own dtype.
+    """
+    _check_args("layer_norm", x, weight, bias, eps)
+    name = resolve_backend("layer_norm", backend, x.device, x.dtype)
+    if name == "reference":
+        return reference.layer_norm(x, weight, bias, eps)
+    return torch.ops.fastcore.norm_fwd(x, _like(weight, x), _like(bias, x), float(eps), True, name)[0]
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+             backend: str = "auto") -> Tensor:
+    """RMSNorm over the last dim of ``x``: ``x / sqrt(mean(x^2) + eps) * weight``.
+
+    ``eps=None`` means ``torch.finfo(x.dtype).eps``, as in ``torch.nn.functional.rms_norm``.
+    """
+    _check_args("rms_norm", x, weight, None, eps)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    name = resolve_backend("rms_norm", backend, x.device, x.dtype)
+    if name == "reference":
+        return reference.rms_norm(x, weight, eps)
+    return torch.ops.fastcore.norm_fwd(x, _like(weight, x), None, float(eps), False, name)[0]
+
+
+def _check_args(op: str, x, weight, bias, eps) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must have a floating-point dtype, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last dimension to normalise, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must have a floating-point dtype, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{op}: {name} must have shape ({n},) to match the last dim of x "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; put them on one device")
+    if eps is None and op == "rms_norm":
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+
+
+def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.to(x.dtype).contiguous()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A 2-D (rows, hidden) view with unit stride along hidden; copies only when it must."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastcore::norm_fwd", mutates_args=())
+def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+              centered: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    rows = _rows(x)
+    if backend == "triton":
+        from fastcore.kernels import norm as kernels
+
+        if centered:
+            y, mean, rstd = kernels.layer_norm_fwd(rows, weight, bias, eps)
+        else:
+            y, rstd = kernels.rms_norm_fwd(rows, weight, eps)
+            mean = rstd.new_empty(0)
+    else:
+        from fastcore import extension
+
+        y, mean, rstd = extension.load().norm_fwd(rows, weight, bias, eps, centered)
+    return y.view(x.shape), mean, rstd
+
+
+@_norm_fwd.register_fake
+def _(x, weight, bias, eps, centered, backend):
+    rows = x.numel() // x.shape[-1]
+    stats = dict(dtype=_stat_dtype(x), device=x.device)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(rows if centered else 0, **stats), torch.empty(rows, **stats))
+
+
+@torch.library.custom_op("fastcore::norm_bwd", mutates_args=())
+def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+              has_bias: bool, centered: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    rows, drows = _rows(x), _rows(dy)
+    if backend == "triton":
+        from fastcore.kernels import norm as kernels
+
+        if centered:
+            dx, dw, db = kernels.layer_norm_bwd(drows, rows, weight, mean, rstd, has_bias)
+        else:
+            dx, dw = kernels.rms_norm_bwd(drows, rows, weight, rstd)
+            db = None
+    else:
+        from fastcore import extension
+
+        dx, dw, db = extension.load().norm_bwd(drows, rows, weight, mean, rstd, has_bias, centered)
+    dw = dw.to(x.dtype) if weight is not None else x.new_empty(0)
+    db = db.to(x.dtype) if (centered and has_bias) else x.new_empty(0)
+    return dx.view(x.shape), dw, db
+
+
+@_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, has_bias, centered, backend):
+    n = x.shape[-1]
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            x.new_empty(n if weight is not None else 0), x.new_empty(n if (centered and has_bias) else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps, centered, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.has_bias, ctx.centered, ctx.backend = bias is not None, centered, backend
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastcore.norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.centered, ctx.backend)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+
+
+_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

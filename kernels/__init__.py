@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``fastcore.kernels``. Host launchers take and return tensors; no autograd here."""

@@ -1,0 +1,60 @@
+"""Shared test protocol: the tolerance table, error metric, device/backend matrix and output poisoning."""
+import os
+
+import torch
+
+# Triton runs on CPU only through its interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastcore  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+
+# Relative error ||out - ref|| / ||ref|| allowed per input dtype. Written once; never loosened.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "non-finite values in the output (an unwritten, poisoned element?)"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output"):
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def poison(*shapes_dtypes, device):
+    """Fill freed memory of the output sizes with NaN, so that an element a kernel leaves
+    unwritten shows up as NaN when the allocator hands the block back (reliable on CUDA's
+    caching allocator; best effort on CPU malloc)."""
+    junk = [torch.full(shape, float("nan"), dtype=dtype, device=device) for shape, dtype in shapes_dtypes]
+    del junk
+
+
+def device_backends(op: str):
+    """(device, backend) pairs that can run here, excluding the reference itself."""
+    pairs = [("cpu", b) for b in fastcore.available_backends(op, "cpu") if b != "reference"]
+    if HAS_GPU:
+        pairs += [("cuda", b) for b in fastcore.available_backends(op, "cuda") if b != "reference"]
+    return pairs
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
