@@ -182,7 +182,7 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
     constexpr bool same = std::is_same_v<T, A>;
-    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), wdy(N), out(same ? 0 : N);
+    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), xhat(N), wdy(N), out(same ? 0 : N);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* cdw = dw ? pdw.data() + c * N : nullptr;
@@ -192,31 +192,36 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
         const A* xr = as_acc(x + i * x_stride, xin.data(), N);
         const A* dyr = as_acc(dy + i * dy_stride, dyin.data(), N);
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
+        A* xh = xhat.data();
         A* g = wdy.data();
         A s_gx = 0, s_g = 0;  // sum(wdy * xhat), sum(wdy)
-        if (wa) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) g[j] = dyr[j] * wa[j];
-        } else {
-          std::copy(dyr, dyr + N, g);
-        }
+        // One pass for the row sums and the dW/dB partials; the second writes dx.
+        if (wa && cdw) {
 #pragma omp simd reduction(+ : s_gx, s_g)
-        for (int64_t j = 0; j < N; ++j) {
-          s_gx += g[j] * (xr[j] - mu) * r;
-          s_g += g[j];
-        }
-        const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
-        A* dxr = same ? reinterpret_cast<A*>(dx + i * N) : out.data();
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) dxr[j] = r * (g[j] - ((xr[j] - mu) * r * c1 + c2));
-        if (cdw) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) cdw[j] += dyr[j] * (xr[j] - mu) * r;
+          for (int64_t j = 0; j < N; ++j) {
+            xh[j] = (xr[j] - mu) * r;
+            g[j] = dyr[j] * wa[j];
+            s_gx += g[j] * xh[j];
+            s_g += g[j];
+            cdw[j] += dyr[j] * xh[j];
+          }
+        } else {
+#pragma omp simd reduction(+ : s_gx, s_g)
+          for (int64_t j = 0; j < N; ++j) {
+            xh[j] = (xr[j] - mu) * r;
+            g[j] = wa ? dyr[j] * wa[j] : dyr[j];
+            s_gx += g[j] * xh[j];
+            s_g += g[j];
+          }
         }
         if (cdb) {
 #pragma omp simd
           for (int64_t j = 0; j < N; ++j) cdb[j] += dyr[j];
         }
+        const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
+        A* dxr = same ? reinterpret_cast<A*>(dx + i * N) : out.data();
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) dxr[j] = r * (g[j] - (xh[j] * c1 + c2));
         if constexpr (!same) {
           T* dst = dx + i * N;
           for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(dxr[j]);
@@ -225,16 +230,28 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
     }
   }
   if (!partials) return;
-  // Second pass: sum the chunk partials in a fixed order, parallel over columns.
+  // Second pass: sum the chunk partials in a fixed order, parallel over column blocks.
+  constexpr int64_t kCols = 256;
+  const int64_t blocks = (N + kCols - 1) / kCols;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks * N > 16384)
-  for (int64_t j = 0; j < N; ++j) {
-    A sw = 0, sb = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (dw) sw += pdw[c * N + j];
-      if (centered && db) sb += pdb[c * N + j];
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t lo = blk * kCols, hi = std::min(N, lo + kCols);
+    for (int64_t j = lo; j < hi; ++j) {
+      if (dw) dw[j] = 0;
+      if (centered && db) db[j] = 0;
     }
-    if (dw) dw[j] = sw;
-    if (centered && db) db[j] = sb;
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (dw) {
+        const A* p = pdw.data() + c * N;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) dw[j] += p[j];
+      }
+      if (centered && db) {
+        const A* p = pdb.data() + c * N;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) db[j] += p[j];
+      }
+    }
   }
 }
 

@@ -165,29 +165,32 @@ struct FwdParams {
   float eps;
 };
 
+// y, w, b point at this thread's first chunk (w, b may be null); `off` is
+// the chunk's element offset from there.
 template <typename T, int VEC>
-__device__ __forceinline__ void write_normalized(const FwdParams<T>& p, T* yr, int64_t col,
+__device__ __forceinline__ void write_normalized(T* y, const T* w, const T* b, int64_t off,
                                                  const float (&v)[VEC], float mu, float r) {
   float o[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) o[i] = (v[i] - mu) * r;
-  if (p.w != nullptr) {
+  if (w != nullptr) {
     float wv[VEC];
-    load_f<T, VEC>(p.w + col, wv);
+    load_f<T, VEC>(w + off, wv);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) o[i] *= wv[i];
   }
-  if (p.b != nullptr) {
+  if (b != nullptr) {
     float bv[VEC];
-    load_f<T, VEC>(p.b + col, bv);
+    load_f<T, VEC>(b + off, bv);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) o[i] += bv[i];
   }
-  store_f<T, VEC>(yr + col, o);
+  store_f<T, VEC>(y + off, o);
 }
 
 // CPT > 0: the row must fit in CPT chunks per thread (host guarantees
-// N <= G * CPT * VEC).  CPT == 0: streamed rows of any length.
+// N <= G * CPT * VEC, which also keeps in-row offsets well inside int).
+// CPT == 0: streamed rows of any length.
 template <typename T, int VEC, int G, int ROWS, int CPT, bool CENTERED>
 __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p) {
   static_assert(G % 32 == 0 && G <= 1024, "row group must be whole warps");
@@ -198,6 +201,11 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
   const int tid = static_cast<int>(threadIdx.x) % G;
   const int64_t nchunks = p.N / VEC;
   const float n_f = static_cast<float>(p.N);
+  // Per-thread base pointers: chunk k of the cached path is then a
+  // compile-time offset k*G*VEC, i.e. an immediate in the load instruction
+  // instead of a 64-bit address register per chunk.
+  const T* wt = p.w != nullptr ? p.w + tid * VEC : nullptr;
+  const T* bt = p.b != nullptr ? p.b + tid * VEC : nullptr;
 
   // For G > 32 the trip count is block-uniform, which the __syncthreads in
   // row_allreduce relies on.
@@ -208,13 +216,14 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
     float mu = 0.f;
     float var;
     if constexpr (CPT > 0) {
+      const int rem = static_cast<int>(nchunks) - tid;  // chunks k with k*G < rem are in the row
+      const T* xt = xr + tid * VEC;
       float v[CPT][VEC];
       float s = 0.f;
 #pragma unroll
       for (int k = 0; k < CPT; ++k) {
-        const int64_t c = tid + static_cast<int64_t>(k) * G;
-        if (c < nchunks) {
-          load_f<T, VEC>(xr + c * VEC, v[k]);
+        if (k * G < rem) {
+          load_f<T, VEC>(xt + k * G * VEC, v[k]);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) s += CENTERED ? v[k][i] : v[k][i] * v[k][i];
         } else {
@@ -229,7 +238,7 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
 #pragma unroll
         for (int k = 0; k < CPT; ++k) {
           // Padding chunks must not contribute (0 - mu)^2.
-          if (tid + static_cast<int64_t>(k) * G < nchunks) {
+          if (k * G < rem) {
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
               const float d = v[k][i] - mu;
@@ -246,10 +255,10 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
         if (p.mean != nullptr) p.mean[row] = mu;
         if (p.rstd != nullptr) p.rstd[row] = r;
       }
+      T* yt = yr + tid * VEC;
 #pragma unroll
       for (int k = 0; k < CPT; ++k) {
-        const int64_t c = tid + static_cast<int64_t>(k) * G;
-        if (c < nchunks) write_normalized<T, VEC>(p, yr, c * VEC, v[k], mu, r);
+        if (k * G < rem) write_normalized<T, VEC>(yt, wt, bt, k * G * VEC, v[k], mu, r);
       }
     } else {
       if constexpr (CENTERED) {
@@ -287,10 +296,13 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
         if (p.mean != nullptr) p.mean[row] = mu;
         if (p.rstd != nullptr) p.rstd[row] = r;
       }
-      for (int64_t c = tid; c < nchunks; c += G) {
+      // Offsets relative to this thread's first chunk, as write_normalized expects.
+      T* yt = yr + tid * VEC;
+      const T* xt = xr + tid * VEC;
+      for (int64_t off = 0; off < (nchunks - tid) * VEC; off += static_cast<int64_t>(G) * VEC) {
         float v[VEC];
-        load_f<T, VEC>(xr + c * VEC, v);
-        write_normalized<T, VEC>(p, yr, c * VEC, v, mu, r);
+        load_f<T, VEC>(xt + off, v);
+        write_normalized<T, VEC>(yt, wt, bt, off, v, mu, r);
       }
     }
   }
@@ -316,18 +328,18 @@ struct BwdParams {
   int64_t N;
 };
 
+// Pointers are per-thread bases (see norm_fwd_kernel); w may be null.
 template <typename T, int VEC>
-__device__ __forceinline__ void bwd_load(const BwdParams<T>& p, const T* xr, const T* dyr, int64_t col,
-                                         float mu, float r, float (&xh)[VEC], float (&g)[VEC],
-                                         float (&d)[VEC]) {
+__device__ __forceinline__ void bwd_load(const T* x, const T* dy, const T* w, int64_t off, float mu, float r,
+                                         float (&xh)[VEC], float (&g)[VEC], float (&d)[VEC]) {
   float xv[VEC];
-  load_f<T, VEC>(xr + col, xv);
-  load_f<T, VEC>(dyr + col, d);
+  load_f<T, VEC>(x + off, xv);
+  load_f<T, VEC>(dy + off, d);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) xh[i] = (xv[i] - mu) * r;
-  if (p.w != nullptr) {
+  if (w != nullptr) {
     float wv[VEC];
-    load_f<T, VEC>(p.w + col, wv);
+    load_f<T, VEC>(w + off, wv);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) g[i] = d[i] * wv[i];
   } else {
@@ -346,20 +358,21 @@ __device__ __forceinline__ void add_row_sums(SumState<NS>& s, const float (&xh)[
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void write_dx(T* dxr, int64_t col, const float (&xh)[VEC], const float (&g)[VEC],
+__device__ __forceinline__ void write_dx(T* dx, int64_t off, const float (&xh)[VEC], const float (&g)[VEC],
                                          float r, float c1, float c2) {
   float o[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) o[i] = r * (g[i] - (xh[i] * c1 + c2));
-  store_f<T, VEC>(dxr + col, o);
+  store_f<T, VEC>(dx + off, o);
 }
 
 // dst[i] = v[i] (overwrite) or dst[i] += v[i].  dst is only ever touched by
 // the calling thread, so the read-modify-write needs no synchronisation.
+// `vec_ok`: dst is 16-byte aligned (workspace base aligned and N % VEC == 0).
 template <int VEC>
-__device__ __forceinline__ void partial_update(float* dst, const float (&v)[VEC], bool overwrite) {
+__device__ __forceinline__ void partial_update(float* dst, const float (&v)[VEC], bool overwrite, bool vec_ok) {
   if constexpr (VEC % 4 == 0) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    if (vec_ok) {
       float4* d4 = reinterpret_cast<float4*>(dst);
 #pragma unroll
       for (int q = 0; q < VEC / 4; ++q) {
@@ -386,12 +399,13 @@ template <int VEC, int CPT, int ROWS>
 __device__ __forceinline__ void flush_warp_partials(float* part, const float (&acc)[CPT][VEC], float* dst,
                                                     int sub, int lane, int64_t nchunks, int64_t N) {
   if (dst == nullptr) return;  // block-uniform, so skipping the barriers is safe
+  float* mine = part + sub * N + lane * VEC;
+  const int rem = static_cast<int>(nchunks) - lane;
 #pragma unroll
   for (int k = 0; k < CPT; ++k) {
-    const int64_t c = lane + static_cast<int64_t>(k) * 32;
-    if (c < nchunks) {
+    if (k * 32 < rem) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) part[sub * N + c * VEC + i] = acc[k][i];
+      for (int i = 0; i < VEC; ++i) mine[k * 32 * VEC + i] = acc[k][i];
     }
   }
   __syncthreads();
@@ -404,18 +418,19 @@ __device__ __forceinline__ void flush_warp_partials(float* part, const float (&a
   __syncthreads();  // `part` is reused for the next region
 }
 
-// ACC_REG: dw/db partials live in registers (requires the row to fit in CPT
-// chunks).  Otherwise they accumulate in the block's own workspace row, the
-// first CPT chunks of a row are still cached in registers and the rest is
-// re-read from global memory for the dx pass.
+// Chunks k < CPT of a row (chunk index tid + k*G) are cached in registers
+// between the row-sum pass and the dx pass.
+// ACC_REG: the dw/db partials also live in registers, which requires the
+// whole row to be cached (host guarantees N <= G * CPT * VEC).  Otherwise
+// they accumulate in the block's own workspace row, and chunks beyond the
+// cached ones are re-read from global memory (L2) for the dx pass.
 template <typename T, int VEC, int G, int ROWS, int CPT, bool ACC_REG, bool CENTERED>
 __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p) {
   static_assert(G % 32 == 0 && G <= 1024, "row group must be whole warps");
   static_assert(G == 32 || ROWS == 1, "block-wide groups own the whole block");
   static_assert(ACC_REG || ROWS == 1, "workspace accumulation assumes one row group per block");
-  static_assert(CPT > 0 || !ACC_REG, "register accumulation needs a cached row");
+  static_assert(CPT > 0, "at least one cached chunk per thread");
   constexpr int NS = CENTERED ? 2 : 1;
-  constexpr int CC = CPT > 0 ? CPT : 1;
   constexpr int NA = ACC_REG ? CPT : 1;
   __shared__ SumState<NS> red[G / 32];
 
@@ -424,12 +439,19 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
   const int64_t N = p.N;
   const int64_t nchunks = N / VEC;
   const float n_f = static_cast<float>(N);
+  // Cached chunks are those with k*G < rem; in-row offsets of cached chunks
+  // fit in int because G * CPT * VEC is small.
+  const int rem = static_cast<int>(nchunks < static_cast<int64_t>(CPT) * G ? nchunks : static_cast<int64_t>(CPT) * G) - tid;
   const int64_t P = gridDim.x;
   // Even split: every block owns >= 1 row because P <= M.
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * p.M / P;
   const int64_t row_end = (static_cast<int64_t>(blockIdx.x) + 1) * p.M / P;
-  float* ws_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * N : nullptr;
-  float* ws_db = (CENTERED && p.ws_db != nullptr) ? p.ws_db + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+  const int64_t ws_off = static_cast<int64_t>(blockIdx.x) * N + tid * VEC;
+  float* ws_dw = p.ws_dw != nullptr ? p.ws_dw + ws_off : nullptr;
+  float* ws_db = (CENTERED && p.ws_db != nullptr) ? p.ws_db + ws_off : nullptr;
+  const bool ws_vec_ok = (reinterpret_cast<uintptr_t>(p.ws_dw) & 15) == 0 &&
+                         (reinterpret_cast<uintptr_t>(p.ws_db) & 15) == 0;
+  const T* wt = p.w != nullptr ? p.w + tid * VEC : nullptr;
 
   float dw_acc[NA][VEC];
   float db_acc[NA][VEC];
@@ -442,35 +464,35 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
     }
   }
 
-  // Rows are visited in increasing order by each row group; that order fixes
-  // the summation order of the partials.
+  // Each row group visits its rows in increasing order; that fixes the
+  // summation order of the partials.  For G > 32 the trip count is
+  // block-uniform (row_allreduce synchronises the block).
   for (int64_t row = row_begin + sub; row < row_end; row += ROWS) {
     const bool first = row == row_begin;
     const float mu = CENTERED ? p.mean[row] : 0.f;
     const float r = p.rstd[row];
-    const T* xr = p.x + row * p.x_stride;
-    const T* dyr = p.dy + row * p.dy_stride;
-    T* dxr = p.dx + row * N;
+    const T* xt = p.x + row * p.x_stride + tid * VEC;
+    const T* dyt = p.dy + row * p.dy_stride + tid * VEC;
+    T* dxt = p.dx + row * N + tid * VEC;
 
-    float xh[CC][VEC];
-    float g[CC][VEC];
+    float xh[CPT][VEC];
+    float g[CPT][VEC];
     SumState<NS> s{};
 
-    auto add_partials = [&](int64_t col, const float (&d)[VEC], const float (&xhat)[VEC]) {
+    auto add_partials = [&](int64_t off, const float (&d)[VEC], const float (&xhat)[VEC]) {
       float t[VEC];
 #pragma unroll
       for (int i = 0; i < VEC; ++i) t[i] = d[i] * xhat[i];
-      if (ws_dw != nullptr) partial_update<VEC>(ws_dw + col, t, first);
-      if (ws_db != nullptr) partial_update<VEC>(ws_db + col, d, first);
+      if (ws_dw != nullptr) partial_update<VEC>(ws_dw + off, t, first, ws_vec_ok);
+      if (ws_db != nullptr) partial_update<VEC>(ws_db + off, d, first, ws_vec_ok);
     };
 
     // Pass 1: row sums (and dw/db partials).
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * G;
-      if (c < nchunks) {
+      if (k * G < rem) {
         float d[VEC];
-        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, xh[k], g[k], d);
+        bwd_load<T, VEC>(xt, dyt, wt, k * G * VEC, mu, r, xh[k], g[k], d);
         add_row_sums<NS, VEC>(s, xh[k], g[k]);
         if constexpr (ACC_REG) {
 #pragma unroll
@@ -479,16 +501,19 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
             if constexpr (CENTERED) db_acc[k][i] += d[i];
           }
         } else {
-          add_partials(c * VEC, d, xh[k]);
+          add_partials(k * G * VEC, d, xh[k]);
         }
       }
     }
+    // Uncached tail; off is relative to this thread's first chunk.
+    constexpr int64_t kStep = static_cast<int64_t>(G) * VEC;
+    const int64_t tail_end = (nchunks - tid) * VEC;
     if constexpr (!ACC_REG) {
-      for (int64_t c = tid + static_cast<int64_t>(CPT) * G; c < nchunks; c += G) {
+      for (int64_t off = CPT * kStep; off < tail_end; off += kStep) {
         float a[VEC], gg[VEC], d[VEC];
-        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, a, gg, d);
+        bwd_load<T, VEC>(xt, dyt, wt, off, mu, r, a, gg, d);
         add_row_sums<NS, VEC>(s, a, gg);
-        add_partials(c * VEC, d, a);
+        add_partials(off, d, a);
       }
     }
 
@@ -499,14 +524,13 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
     // Pass 2: dx.
 #pragma unroll
     for (int k = 0; k < CPT; ++k) {
-      const int64_t c = tid + static_cast<int64_t>(k) * G;
-      if (c < nchunks) write_dx<T, VEC>(dxr, c * VEC, xh[k], g[k], r, c1, c2);
+      if (k * G < rem) write_dx<T, VEC>(dxt, k * G * VEC, xh[k], g[k], r, c1, c2);
     }
     if constexpr (!ACC_REG) {
-      for (int64_t c = tid + static_cast<int64_t>(CPT) * G; c < nchunks; c += G) {
+      for (int64_t off = CPT * kStep; off < tail_end; off += kStep) {
         float a[VEC], gg[VEC], d[VEC];
-        bwd_load<T, VEC>(p, xr, dyr, c * VEC, mu, r, a, gg, d);
-        write_dx<T, VEC>(dxr, c * VEC, a, gg, r, c1, c2);
+        bwd_load<T, VEC>(xt, dyt, wt, off, mu, r, a, gg, d);
+        write_dx<T, VEC>(dxt, off, a, gg, r, c1, c2);
       }
     }
   }
@@ -515,18 +539,21 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
     if constexpr (ROWS == 1) {
 #pragma unroll
       for (int k = 0; k < CPT; ++k) {
-        const int64_t c = tid + static_cast<int64_t>(k) * G;
-        if (c < nchunks) {
-          if (ws_dw != nullptr) partial_update<VEC>(ws_dw + c * VEC, dw_acc[k], true);
+        if (k * G < rem) {
+          if (ws_dw != nullptr) partial_update<VEC>(ws_dw + k * G * VEC, dw_acc[k], true, ws_vec_ok);
           if constexpr (CENTERED) {
-            if (ws_db != nullptr) partial_update<VEC>(ws_db + c * VEC, db_acc[k], true);
+            if (ws_db != nullptr) partial_update<VEC>(ws_db + k * G * VEC, db_acc[k], true, ws_vec_ok);
           }
         }
       }
     } else {
       extern __shared__ float part[];  // ROWS * N floats
-      flush_warp_partials<VEC, CPT, ROWS>(part, dw_acc, ws_dw, sub, tid, nchunks, N);
-      if constexpr (CENTERED) flush_warp_partials<VEC, CPT, ROWS>(part, db_acc, ws_db, sub, tid, nchunks, N);
+      float* dst_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+      flush_warp_partials<VEC, CPT, ROWS>(part, dw_acc, dst_dw, sub, tid, nchunks, N);
+      if constexpr (CENTERED) {
+        float* dst_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * N : nullptr;
+        flush_warp_partials<VEC, CPT, ROWS>(part, db_acc, dst_db, sub, tid, nchunks, N);
+      }
     }
   }
 }
@@ -623,7 +650,7 @@ cudaError_t bwd_launch(const BwdParams<T>& p, int64_t P, cudaStream_t stream) {
   } else if (N <= 8192) {
     go(norm_bwd_kernel<T, VEC, 512, 1, 16 / VEC, true, CENTERED>, 512, 1);
   } else {
-    go(norm_bwd_kernel<T, VEC, 1024, 1, 16 / VEC, false, CENTERED>, 1024, 1);
+    go(norm_bwd_kernel<T, VEC, 512, 1, 32 / VEC, false, CENTERED>, 512, 1);
   }
   return cudaGetLastError();
 }

@@ -1,0 +1,193 @@
+"""The public surface: backend selection, argument errors, nn modules, torch.compile, the extension, the CLI."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastcore
+from fastcore import backends
+from conftest import assert_close
+
+HAS_CPP = "cpu" in fastcore.available_backends("layer_norm", "cpu")
+
+
+# ---------------------------------------------------------------- backends
+def test_available_backends_on_cpu():
+    names = fastcore.available_backends("layer_norm", "cpu")
+    assert names[0] != "reference" or not HAS_CPP, "auto should prefer a kernel to the float64 reference"
+    assert "reference" in names and "cuda" not in names
+    assert ("triton" in names) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert fastcore.available_backends("rms_norm", torch.device("cpu")) == names
+
+
+def test_auto_picks_the_first_available_backend():
+    x = torch.randn(2, 8)
+    assert fastcore.resolve_backend("layer_norm", "auto", x.device, x.dtype) == \
+        fastcore.available_backends("layer_norm", "cpu")[0]
+    # float64 on a GPU-only kernel set would fall back to the reference; on CPU the C++ path takes it
+    assert fastcore.resolve_backend("layer_norm", "auto", "cpu", torch.float64) in ("cpu", "reference")
+
+
+def test_unknown_op_and_backend_are_refused():
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        fastcore.available_backends("softmax", "cpu")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fastcore.layer_norm(torch.randn(2, 4), backend="fast")
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match="'cuda' backend runs on CUDA tensors"):
+        fastcore.layer_norm(torch.randn(2, 4), backend="cuda")
+    assert "float64" in backends.why_unavailable("triton", "cpu", torch.float64)
+
+
+# ---------------------------------------------------------------- bad input
+BAD_INPUTS = [
+    (lambda: fastcore.layer_norm(torch.randn(3, 8), torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
+    (lambda: fastcore.layer_norm(torch.randn(3, 8), None, torch.ones(9)), ValueError, r"bias must have shape \(8,\)"),
+    (lambda: fastcore.rms_norm(torch.randn(3, 8), torch.ones(2, 4)), ValueError, r"weight must have shape \(8,\)"),
+    (lambda: fastcore.layer_norm(torch.arange(8).view(2, 4)), TypeError, "x must have a floating-point dtype"),
+    (lambda: fastcore.rms_norm(torch.randn(2, 4), torch.ones(4, dtype=torch.int32)), TypeError, "weight must have a floating"),
+    (lambda: fastcore.layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    (lambda: fastcore.layer_norm(torch.randn(3, 8), eps=-1e-5), ValueError, "eps must be a finite number >= 0"),
+    (lambda: fastcore.rms_norm(torch.randn(3, 8), eps=float("nan")), ValueError, "eps must be a finite number >= 0"),
+    (lambda: fastcore.layer_norm(torch.randn(3, 8), eps="1e-5"), TypeError, "eps must be a float"),
+    (lambda: fastcore.layer_norm(torch.tensor(1.0)), ValueError, "non-empty last dimension"),
+    (lambda: fastcore.layer_norm(torch.randn(3, 0)), ValueError, "non-empty last dimension"),
+    (lambda: fastcore.layer_norm(torch.randn(3, 8), torch.ones(8, device="meta")), ValueError, "on one device"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_a_clear_error(case):
+    fn, exc, message = BAD_INPUTS[case]
+    with pytest.raises(exc, match=message):
+        fn()
+
+
+# ---------------------------------------------------------------- nn modules
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
+def test_layer_norm_module_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    ours, theirs = fastcore.nn.LayerNorm((4, 6), **kwargs), torch.nn.LayerNorm((4, 6), **kwargs)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, 4, 6)
+    assert_close(ours(x), theirs.double()(x.double()), torch.float32)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_module_is_a_drop_in(eps):
+    ours, theirs = fastcore.nn.RMSNorm(48, eps=eps), torch.nn.RMSNorm(48, eps=eps)
+    assert isinstance(ours, torch.nn.RMSNorm)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    torch.nn.init.normal_(theirs.weight)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    ours(x).sum().backward()
+    dx = x.grad.clone()
+    x.grad = None
+    theirs(x).sum().backward()
+    assert_close(ours(x), theirs(x), torch.float32)
+    assert_close(dx, x.grad, torch.float32, "dx")
+    assert_close(ours.weight.grad, theirs.weight.grad, torch.float32, "dw")
+
+
+def test_module_rejects_wrong_trailing_shape():
+    with pytest.raises(ValueError, match=r"trailing dims are \(4, 6\)"):
+        fastcore.nn.LayerNorm((4, 6))(torch.randn(2, 6, 4))
+
+
+def test_module_backend_is_reported():
+    assert "backend='reference'" in repr(fastcore.nn.RMSNorm(8, backend="reference"))
+
+
+# ---------------------------------------------------------------- torch.compile
+class TinyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = fastcore.nn.LayerNorm(32)
+        self.proj = torch.nn.Linear(32, 32)
+        self.rms = fastcore.nn.RMSNorm(32)
+
+    def forward(self, x):
+        return self.rms(x + self.proj(self.ln(x)))
+
+
+def test_torch_compile_fullgraph_traces_the_ops():
+    torch.manual_seed(0)
+    model = TinyBlock()
+    x = torch.randn(4, 5, 32)
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert_close(out, eager_out.detach().double(), torch.float32)
+    for got, want in zip([p.grad for p in model.parameters()], eager_grads):
+        assert_close(got, want, torch.float32, "grad")
+
+
+# ---------------------------------------------------------------- extension build
+def _python(code: str, env: dict, timeout: float = 600) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ toolchain here")
+def test_concurrent_first_use_builds_once(tmp_path):
+    env = dict(os.environ, FASTCORE_CACHE_DIR=str(tmp_path))
+    code = """
+        import torch, fastcore
+        y = fastcore.layer_norm(torch.randn(3, 5), backend="cpu")
+        print("ok", tuple(y.shape))
+    """
+    procs = [_python(code, env) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert out.strip() == "ok (3, 5)"
+    messages = sum(err.count("fastcore: compiling the C++ extension") for _, err in outputs)
+    assert messages == 1, [err for _, err in outputs]
+
+
+def test_without_a_compiler_cpp_backends_are_unavailable_and_the_rest_works(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), PATH=str(bin_dir), FASTCORE_CACHE_DIR=str(tmp_path))
+    code = """
+        import torch, fastcore
+        from fastcore import backends
+        assert "cpu" not in fastcore.available_backends("layer_norm", "cpu")
+        print(backends.why_unavailable("cpu", "cpu"))
+        try:
+            fastcore.layer_norm(torch.randn(2, 4), backend="cpu")
+        except RuntimeError as exc:
+            print("refused:", exc)
+        x = torch.randn(3, 16, dtype=torch.float64)
+        y = fastcore.layer_norm(x)
+        print("auto ok", torch.allclose(y, torch.nn.functional.layer_norm(x, (16,))))
+    """
+    proc = _python(code, env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "no C++ compiler found" in out
+    assert "refused: layer_norm: backend 'cpu' cannot run here: no C++ compiler found" in out
+    assert "auto ok True" in out
+
+
+# ---------------------------------------------------------------- CLI
+def test_info_reports_the_environment():
+    proc = subprocess.run([sys.executable, "-m", "fastcore", "info"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for field in ("fastcore", "torch", "triton", "CUDA", "GPU", "compiler", "extension", "layer_norm", "rms_norm"):
+        assert field in proc.stdout
+    assert f"torch         {torch.__version__}" in proc.stdout
