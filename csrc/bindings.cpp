@@ -7,7 +7,7 @@
 #include "cpu/norm.h"
 
 #ifdef FASTCORE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/norm.h"
@@ -93,7 +93,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_fwd(
 #ifdef FASTCORE_WITH_CUDA
   TORCH_CHECK(x.is_cuda(), "x must be a CPU or CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const auto dt = cuda_dtype(x.scalar_type());
   const void* w = weight ? weight->data_ptr() : nullptr;
   if (centered) {
@@ -145,7 +145,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_bwd(
 #ifdef FASTCORE_WITH_CUDA
   TORCH_CHECK(x.is_cuda(), "x must be a CPU or CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
   const auto dt = cuda_dtype(x.scalar_type());
   const bool want_db = db.numel() > 0;
   auto workspace = torch::empty({fastcore::cuda::norm_bwd_workspace_floats(M, N, weight.has_value(), want_db)},

@@ -22,7 +22,7 @@ _module = None
 _error: str | None = None
 
 CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
-CUDA_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
+CUDA_FLAGS = ["-O3", "--use_fast_math"]
 
 
 def source_dir() -> Path | None:

@@ -14,7 +14,7 @@ from fastcore.ops.norm import layer_norm, rms_norm
 def _flatten_normalized(module: torch.nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """Fold the normalised trailing dims into one, so the ops normalise over a single last dim."""
     shape = tuple(module.normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"{type(module).__name__}: expected input whose trailing dims are {shape}, "
                          f"got shape {tuple(x.shape)}")
     return x.reshape(*x.shape[: x.dim() - len(shape)], -1), x.shape

@@ -1,0 +1,89 @@
+"""The just-in-time C++/CUDA extension: one build under concurrency, a clean refusal without a compiler,
+and a type-check of the CUDA binding path on machines without a CUDA build of torch."""
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastcore
+from fastcore import extension
+
+HAS_CPP = "cpu" in fastcore.available_backends("layer_norm", "cpu")
+
+
+def _python(code: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="no C++ toolchain here")
+def test_concurrent_first_use_builds_once(tmp_path):
+    env = dict(os.environ, FASTCORE_CACHE_DIR=str(tmp_path))
+    code = """
+        import torch, fastcore
+        y = fastcore.layer_norm(torch.randn(3, 5), backend="cpu")
+        print("ok", tuple(y.shape))
+    """
+    procs = [_python(code, env) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err
+        assert out.strip() == "ok (3, 5)"
+    messages = sum(err.count("fastcore: compiling the C++ extension") for _, err in outputs)
+    assert messages == 1, [err for _, err in outputs]
+
+
+def test_without_a_compiler_cpp_backends_are_unavailable_and_the_rest_works(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), PATH=str(bin_dir), FASTCORE_CACHE_DIR=str(tmp_path))
+    code = """
+        import torch, fastcore
+        from fastcore import backends
+        assert "cpu" not in fastcore.available_backends("layer_norm", "cpu")
+        print(backends.why_unavailable("cpu", "cpu"))
+        try:
+            fastcore.layer_norm(torch.randn(2, 4), backend="cpu")
+        except RuntimeError as exc:
+            print("refused:", exc)
+        x = torch.randn(3, 16, dtype=torch.float64)
+        y = fastcore.layer_norm(x)
+        print("auto ok", torch.allclose(y, torch.nn.functional.layer_norm(x, (16,))))
+    """
+    proc = _python(code, env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "no C++ compiler found" in out
+    assert "refused: layer_norm: backend 'cpu' cannot run here: no C++ compiler found" in out
+    assert "auto ok True" in out
+
+
+def _cuda_include():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    inc = Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    return inc if (inc / "cuda_runtime.h").exists() else None
+
+
+@pytest.mark.skipif(not HAS_CPP or _cuda_include() is None, reason="needs a C++ compiler and the CUDA headers")
+def test_cuda_binding_type_checks(tmp_path):
+    """Compile bindings.cpp with its CUDA branch enabled, against torch's headers, without linking.
+
+    CPU wheels of torch ship c10/cuda headers but not the generated cuda_cmake_macros.h; a stub stands in.
+    """
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    torch_inc = Path(torch.__file__).parent / "include"
+    src = extension.source_dir()
+    cmd = [extension._compiler(), "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
+           "-DFASTCORE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=fastcore_C",
+           f"-I{tmp_path}", f"-I{src}", f"-I{torch_inc}", f"-I{torch_inc / 'torch/csrc/api/include'}",
+           f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}", str(src / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
