@@ -118,11 +118,11 @@ def _build_dir(with_cuda: bool) -> Path:
 
 
 def _digest(sources: list[Path]) -> str:
+    """What the build depends on: flags, the sources it compiles and every header."""
     h = hashlib.sha1(" ".join(CXX_FLAGS + CUDA_FLAGS).encode())
-    for f in sorted(source_dir().rglob("*")):
-        if f.suffix in (".cpp", ".cu", ".h"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    for f in sorted(set(sources) | set(source_dir().rglob("*.h"))):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 

@@ -2,9 +2,11 @@
 //
 // One row at a time per thread (OpenMP over rows). A row is converted to the
 // accumulator type once into a thread-local buffer (skipped for float/double),
-// then every pass is a contiguous loop the compiler vectorises. Statistics use
-// two passes (mean, then centred squares), which stays accurate for rows with a
-// large offset. The backward fuses the dW/dB partial sums into the dx pass.
+// then every pass is a contiguous loop the compiler vectorises. The forward makes
+// one statistics pass over data shifted by the row's first element (accurate for
+// rows far from zero) and one output pass; y subtracts the shift and the small
+// mean correction separately. The backward fuses the dW/dB partials into its
+// row-sum pass.
 #include "norm.h"
 
 #include <omp.h>
@@ -123,25 +125,18 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       const A* xr = as_acc(x + i * x_stride, in.data(), N);
-      A mu = 0, delta = 0, ss = 0;  // the mean is mu + delta; y subtracts them one at a time
-      if (centered) {
-        A s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < N; ++j) s += xr[j];
-        mu = s * inv_n;
-        // Corrected two-pass: the residual sum d fixes the rounding of mu to first order.
-        A d = 0;
-#pragma omp simd reduction(+ : d, ss)
-        for (int64_t j = 0; j < N; ++j) {
-          d += xr[j] - mu;
-          ss += (xr[j] - mu) * (xr[j] - mu);
-        }
-        delta = d * inv_n;
-        ss -= d * delta;
-      } else {
-#pragma omp simd reduction(+ : ss)
-        for (int64_t j = 0; j < N; ++j) ss += xr[j] * xr[j];
+      // One pass over data shifted by the row's first element: sums of x - K stay small
+      // when the row sits far from zero, so var = E[t^2] - E[t]^2 loses about one bit.
+      const A K = centered ? xr[0] : A(0);
+      A s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+      for (int64_t j = 0; j < N; ++j) {
+        const A t = xr[j] - K;
+        s += t;
+        ss += t * t;
       }
+      const A mu = K, delta = centered ? s * inv_n : A(0);  // the mean is mu + delta
+      ss -= s * delta;
       const A r = A(1) / std::sqrt(std::max(ss * inv_n, A(0)) + A(eps));
       if (centered) mean[i] = mu + delta;
       rstd[i] = r;
@@ -182,7 +177,7 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
     constexpr bool same = std::is_same_v<T, A>;
-    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), xhat(N), wdy(N), out(same ? 0 : N);
+    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), out(same ? 0 : N);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* cdw = dw ? pdw.data() + c * N : nullptr;
@@ -192,36 +187,47 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
         const A* xr = as_acc(x + i * x_stride, xin.data(), N);
         const A* dyr = as_acc(dy + i * dy_stride, dyin.data(), N);
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
-        A* xh = xhat.data();
-        A* g = wdy.data();
         A s_gx = 0, s_g = 0;  // sum(wdy * xhat), sum(wdy)
-        // One pass for the row sums and the dW/dB partials; the second writes dx.
-        if (wa && cdw) {
+        // Pass 1: the row sums, fused with the dW/dB partials. Pass 2: dx.
+        // Both re-read the row from L1 instead of staging xhat and wdy.
+        if (wa && cdw && cdb) {
 #pragma omp simd reduction(+ : s_gx, s_g)
           for (int64_t j = 0; j < N; ++j) {
-            xh[j] = (xr[j] - mu) * r;
-            g[j] = dyr[j] * wa[j];
-            s_gx += g[j] * xh[j];
-            s_g += g[j];
-            cdw[j] += dyr[j] * xh[j];
+            const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
+            s_gx += g * xh;
+            s_g += g;
+            cdw[j] += dyr[j] * xh;
+            cdb[j] += dyr[j];
+          }
+        } else if (wa && cdw) {
+#pragma omp simd reduction(+ : s_gx, s_g)
+          for (int64_t j = 0; j < N; ++j) {
+            const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
+            s_gx += g * xh;
+            s_g += g;
+            cdw[j] += dyr[j] * xh;
           }
         } else {
 #pragma omp simd reduction(+ : s_gx, s_g)
           for (int64_t j = 0; j < N; ++j) {
-            xh[j] = (xr[j] - mu) * r;
-            g[j] = wa ? dyr[j] * wa[j] : dyr[j];
-            s_gx += g[j] * xh[j];
-            s_g += g[j];
+            const A g = wa ? dyr[j] * wa[j] : dyr[j];
+            s_gx += g * (xr[j] - mu) * r;
+            s_g += g;
           }
-        }
-        if (cdb) {
+          if (cdb) {
 #pragma omp simd
-          for (int64_t j = 0; j < N; ++j) cdb[j] += dyr[j];
+            for (int64_t j = 0; j < N; ++j) cdb[j] += dyr[j];
+          }
         }
         const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
         A* dxr = same ? reinterpret_cast<A*>(dx + i * N) : out.data();
+        if (wa) {
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) dxr[j] = r * (g[j] - (xh[j] * c1 + c2));
+          for (int64_t j = 0; j < N; ++j) dxr[j] = r * (dyr[j] * wa[j] - ((xr[j] - mu) * r * c1 + c2));
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) dxr[j] = r * (dyr[j] - ((xr[j] - mu) * r * c1 + c2));
+        }
         if constexpr (!same) {
           T* dst = dx + i * N;
           for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(dxr[j]);

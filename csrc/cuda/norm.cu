@@ -13,12 +13,13 @@
 // VEC is 16 bytes worth of elements when all base pointers are 16-byte aligned
 // and N and the row strides are multiples of VEC, else 1 (scalar path).
 //
-// Forward.  When the row fits in CPT chunks per thread it is held in registers
-// and the LayerNorm variance is an exact two-pass mean((x - mean)^2) over the
+// Forward.  LayerNorm works on x - x[row, 0] so that a large common offset
+// costs no digits.  When the row fits in CPT chunks per thread it is held in
+// registers and the variance is an exact two-pass mean((x - mean)^2) over the
 // registers.  Wider rows are streamed: each thread builds a Welford/Chan
 // (count, mean, M2) state from per-chunk two-pass statistics, the states are
 // merged across the group, and a second read of the row writes y.  Neither
-// path forms E[x^2] - E[x]^2, so rows with a large offset keep their accuracy.
+// path forms E[x^2] - E[x]^2.
 //
 // Backward.  Block b of the dx kernel owns the contiguous rows
 // [b*M/P, (b+1)*M/P) with P = norm_bwd_partial_rows(M, N), a function of M and
@@ -89,6 +90,7 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[VEC]) {
 
 template <int K>
 struct SumState {
+  static constexpr bool kCommutative = true;  // a + b == b + a bitwise
   float v[K];
   __device__ __forceinline__ void combine(const SumState& o) {
 #pragma unroll
@@ -102,19 +104,21 @@ struct SumState {
   }
 };
 
-// Chan's parallel merge.  The formulas are symmetric in (a, b) and use the
-// non-contracting intrinsics, so both partners of an xor-butterfly compute
-// bitwise identical states and every lane ends with the same mean/M2.
+// Chan's parallel merge of (count, mean, M2) states.  The update is written
+// as a small correction to `mean`, which keeps the rounding error at about an
+// ulp of the mean per merge even for rows with a large offset.
 struct WelfordState {
+  static constexpr bool kCommutative = false;  // merge(a, b) and merge(b, a) may differ in the last bit
   float n, mean, m2;
   __device__ __forceinline__ void combine(const WelfordState& o) {
     const float n_ab = n + o.n;
     if (n_ab == 0.f) return;  // both empty (threads with no chunks)
-    const float inv = 1.f / n_ab;
+    // frac only scales a correction term, so the ~2 ulp fast division is
+    // ample and avoids the IEEE division subroutine in the streaming loop.
+    const float frac = __fdividef(o.n, n_ab);
     const float d = o.mean - mean;
-    const float new_mean = __fmul_rn(__fadd_rn(__fmul_rn(n, mean), __fmul_rn(o.n, o.mean)), inv);
-    m2 = __fadd_rn(__fadd_rn(m2, o.m2), __fmul_rn(__fmul_rn(d, d), __fmul_rn(__fmul_rn(n, o.n), inv)));
-    mean = new_mean;
+    mean += d * frac;
+    m2 += o.m2 + d * d * n * frac;
     n = n_ab;
   }
   __device__ __forceinline__ WelfordState shfl_xor(int lane_mask) const {
@@ -132,6 +136,11 @@ template <int G, class S>
 __device__ __forceinline__ S row_allreduce(S s, S* smem) {
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) s.combine(s.shfl_xor(m));
+  // With a commutative merge the butterfly leaves bitwise identical values in
+  // all lanes.  A non-commutative one may leave last-bit differences between
+  // lanes, which is harmless only when a single lane's value is used next,
+  // as in the block-wide fold below.
+  static_assert(S::kCommutative || G > 32, "warp-only groups need a commutative merge");
   if constexpr (G > 32) {
     constexpr int kWarps = G / 32;
     const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -162,6 +171,7 @@ struct FwdParams {
   float* rstd;  // nullable
   int64_t M;
   int64_t N;
+  float inv_n;  // 1/N from the host: keeps the IEEE division subroutine out of the kernels
   float eps;
 };
 
@@ -200,7 +210,7 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
 
   const int tid = static_cast<int>(threadIdx.x) % G;
   const int64_t nchunks = p.N / VEC;
-  const float n_f = static_cast<float>(p.N);
+  const float inv_n = p.inv_n;
   // Per-thread base pointers: chunk k of the cached path is then a
   // compile-time offset k*G*VEC, i.e. an immediate in the load instruction
   // instead of a 64-bit address register per chunk.
@@ -213,7 +223,11 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
        row += static_cast<int64_t>(gridDim.x) * ROWS) {
     const T* xr = p.x + row * p.x_stride;
     T* yr = p.y + row * p.N;
-    float mu = 0.f;
+    // LayerNorm statistics are taken of x - shift with shift = x[row, 0]:
+    // values then carry the row's spread rather than its offset, so neither
+    // the mean nor the variance loses digits to a large common offset.
+    const float shift = CENTERED ? to_float(xr[0]) : 0.f;
+    float mu = 0.f;  // mean of x - shift
     float var;
     if constexpr (CPT > 0) {
       const int rem = static_cast<int>(nchunks) - tid;  // chunks k with k*G < rem are in the row
@@ -225,7 +239,14 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
         if (k * G < rem) {
           load_f<T, VEC>(xt + k * G * VEC, v[k]);
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) s += CENTERED ? v[k][i] : v[k][i] * v[k][i];
+          for (int i = 0; i < VEC; ++i) {
+            if constexpr (CENTERED) {
+              v[k][i] -= shift;
+              s += v[k][i];
+            } else {
+              s += v[k][i] * v[k][i];
+            }
+          }
         } else {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) v[k][i] = 0.f;
@@ -233,7 +254,7 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
       }
       s = row_allreduce<G>(SumState<1>{{s}}, red_sum).v[0];
       if constexpr (CENTERED) {
-        mu = s / n_f;
+        mu = s * inv_n;
         float ss = 0.f;
 #pragma unroll
         for (int k = 0; k < CPT; ++k) {
@@ -246,13 +267,13 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
             }
           }
         }
-        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] / n_f;
+        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] * inv_n;
       } else {
-        var = s / n_f;
+        var = s * inv_n;
       }
       const float r = rsqrtf(var + p.eps);
       if (tid == 0) {
-        if (p.mean != nullptr) p.mean[row] = mu;
+        if (p.mean != nullptr) p.mean[row] = shift + mu;
         if (p.rstd != nullptr) p.rstd[row] = r;
       }
       T* yt = yr + tid * VEC;
@@ -268,7 +289,10 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
           load_f<T, VEC>(xr + c * VEC, v);
           float cs = 0.f;
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) cs += v[i];
+          for (int i = 0; i < VEC; ++i) {
+            v[i] -= shift;
+            cs += v[i];
+          }
           const float cm = cs * (1.f / VEC);  // VEC is a power of two: exact
           float cm2 = 0.f;
 #pragma unroll
@@ -280,7 +304,7 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
         }
         st = row_allreduce<G>(st, red_wf);
         mu = st.mean;
-        var = st.m2 / n_f;
+        var = st.m2 * inv_n;
       } else {
         float ss = 0.f;
         for (int64_t c = tid; c < nchunks; c += G) {
@@ -289,11 +313,11 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
 #pragma unroll
           for (int i = 0; i < VEC; ++i) ss += v[i] * v[i];
         }
-        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] / n_f;
+        var = row_allreduce<G>(SumState<1>{{ss}}, red_sum).v[0] * inv_n;
       }
       const float r = rsqrtf(var + p.eps);
       if (tid == 0) {
-        if (p.mean != nullptr) p.mean[row] = mu;
+        if (p.mean != nullptr) p.mean[row] = shift + mu;
         if (p.rstd != nullptr) p.rstd[row] = r;
       }
       // Offsets relative to this thread's first chunk, as write_normalized expects.
@@ -302,6 +326,8 @@ __global__ void __launch_bounds__(G * ROWS) norm_fwd_kernel(const FwdParams<T> p
       for (int64_t off = 0; off < (nchunks - tid) * VEC; off += static_cast<int64_t>(G) * VEC) {
         float v[VEC];
         load_f<T, VEC>(xt + off, v);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] -= shift;
         write_normalized<T, VEC>(yt, wt, bt, off, v, mu, r);
       }
     }
@@ -326,6 +352,7 @@ struct BwdParams {
   float* ws_db;  // nullable: P x N partial rows of sum(dy)
   int64_t M;
   int64_t N;
+  float inv_n;  // 1/N, see FwdParams
 };
 
 // Pointers are per-thread bases (see norm_fwd_kernel); w may be null.
@@ -438,10 +465,11 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
   const int sub = static_cast<int>(threadIdx.x) / G;
   const int64_t N = p.N;
   const int64_t nchunks = N / VEC;
-  const float n_f = static_cast<float>(N);
+  const float inv_n = p.inv_n;
   // Cached chunks are those with k*G < rem; in-row offsets of cached chunks
   // fit in int because G * CPT * VEC is small.
-  const int rem = static_cast<int>(nchunks < static_cast<int64_t>(CPT) * G ? nchunks : static_cast<int64_t>(CPT) * G) - tid;
+  constexpr int64_t kCached = static_cast<int64_t>(CPT) * G;
+  const int rem = static_cast<int>(nchunks < kCached ? nchunks : kCached) - tid;
   const int64_t P = gridDim.x;
   // Even split: every block owns >= 1 row because P <= M.
   const int64_t row_begin = static_cast<int64_t>(blockIdx.x) * p.M / P;
@@ -518,8 +546,8 @@ __global__ void __launch_bounds__(G * ROWS) norm_bwd_kernel(const BwdParams<T> p
     }
 
     s = row_allreduce<G>(s, red);
-    const float c1 = s.v[0] / n_f;
-    const float c2 = CENTERED ? s.v[NS - 1] / n_f : 0.f;
+    const float c1 = s.v[0] * inv_n;
+    const float c2 = CENTERED ? s.v[NS - 1] * inv_n : 0.f;
 
     // Pass 2: dx.
 #pragma unroll
@@ -624,7 +652,7 @@ template <typename T, bool CENTERED>
 cudaError_t fwd_dispatch(const void* x, int64_t xs, const void* w, const void* b, void* y, float* mean,
                          float* rstd, int64_t M, int64_t N, float eps, cudaStream_t stream) {
   const FwdParams<T> p{static_cast<const T*>(x), xs, static_cast<const T*>(w), static_cast<const T*>(b),
-                       static_cast<T*>(y), mean, rstd, M, N, eps};
+                       static_cast<T*>(y), mean, rstd, M, N, 1.f / static_cast<float>(N), eps};
   constexpr int V = kVecWidth<T>;
   const bool vec = N % V == 0 && xs % V == 0 && aligned16(x) && aligned16(w) && aligned16(b) && aligned16(y);
   return vec ? fwd_launch<T, V, CENTERED>(p, stream) : fwd_launch<T, 1, CENTERED>(p, stream);
@@ -663,7 +691,7 @@ cudaError_t bwd_dispatch(const void* dy, int64_t dys, const void* x, int64_t xs,
   float* ws_dw = dweight != nullptr ? workspace : nullptr;
   float* ws_db = dbias != nullptr ? workspace + (dweight != nullptr ? P * N : 0) : nullptr;
   const BwdParams<T> p{static_cast<const T*>(dy), dys, static_cast<const T*>(x), xs, static_cast<const T*>(w),
-                       mean, rstd, static_cast<T*>(dx), ws_dw, ws_db, M, N};
+                       mean, rstd, static_cast<T*>(dx), ws_dw, ws_db, M, N, 1.f / static_cast<float>(N)};
   constexpr int V = kVecWidth<T>;
   const bool vec = N % V == 0 && xs % V == 0 && dys % V == 0 && aligned16(dy) && aligned16(x) &&
                    aligned16(w) && aligned16(dx);
