@@ -162,71 +162,65 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
   }
 }
 
+// One row of the backward. Pass 1: the row sums sum(wdy*xhat), sum(wdy), fused with the
+// dW partial. Pass 2: dx and the dB partial. Both re-read the row from L1 instead of staging temporaries.
+template <bool DW, bool DB, typename A>
+inline void norm_bwd_row(const A* xr, const A* dyr, const A* wa, A mu, A r, A inv_n, bool centered,
+                         A* dxr, A* cdw, A* cdb, int64_t N) {
+  A s_gx = 0, s_g = 0;
+#pragma omp simd reduction(+ : s_gx, s_g)
+  for (int64_t j = 0; j < N; ++j) {
+    const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
+    s_gx += g * xh;
+    s_g += g;
+    if constexpr (DW) cdw[j] += dyr[j] * xh;
+  }
+  const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    dxr[j] = r * (dyr[j] * wa[j] - ((xr[j] - mu) * r * c1 + c2));
+    if constexpr (DB) cdb[j] += dyr[j];  // here, to balance the two passes' memory streams
+  }
+}
+
 template <typename T>
 void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, const T* w,
               const acc_t<T>* mean, const acc_t<T>* rstd, T* dx, acc_t<T>* dw, acc_t<T>* db,
               int64_t M, int64_t N, bool centered, int num_threads) {
   using A = acc_t<T>;
-  const std::vector<A> wv = vector_or_empty(w, N);
-  const A* wa = w ? wv.data() : nullptr;
+  constexpr bool same = std::is_same_v<T, A>;
+  std::vector<A> wv = vector_or_empty(w, N);
+  if (!w) wv.assign(N, A(1));
+  const A* wa = wv.data();
   const A inv_n = A(1) / A(N);
-  const bool partials = dw || (centered && db);
-  const int64_t chunks = partials ? partial_chunks(M, N) : std::max<int64_t>(M, 1);
+  if (!centered) db = nullptr;
+  const int64_t chunks = (dw || db) ? partial_chunks(M, N) : std::max<int64_t>(M, 1);
   const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
-  std::vector<A> pdw(dw ? chunks * N : 0, A(0)), pdb((centered && db) ? chunks * N : 0, A(0));
+  // Per chunk: [dW partial | pad | dB partial | pad]; the pad keeps the two rows from
+  // sharing 4 KiB-aliased addresses, which stalls the fused update loop.
+  const int64_t db_off = N + 16, stride = 2 * db_off;
+  std::vector<A> partial((dw || db) ? chunks * stride : 0, A(0));
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
-    constexpr bool same = std::is_same_v<T, A>;
     std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), out(same ? 0 : N);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
-      A* cdw = dw ? pdw.data() + c * N : nullptr;
-      A* cdb = (centered && db) ? pdb.data() + c * N : nullptr;
+      A* cdw = dw ? partial.data() + c * stride : nullptr;
+      A* cdb = db ? partial.data() + c * stride + db_off : nullptr;
       const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
       for (int64_t i = c * rows_per_chunk; i < end; ++i) {
         const A* xr = as_acc(x + i * x_stride, xin.data(), N);
         const A* dyr = as_acc(dy + i * dy_stride, dyin.data(), N);
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
-        A s_gx = 0, s_g = 0;  // sum(wdy * xhat), sum(wdy)
-        // Pass 1: the row sums, fused with the dW/dB partials. Pass 2: dx.
-        // Both re-read the row from L1 instead of staging xhat and wdy.
-        if (wa && cdw && cdb) {
-#pragma omp simd reduction(+ : s_gx, s_g)
-          for (int64_t j = 0; j < N; ++j) {
-            const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
-            s_gx += g * xh;
-            s_g += g;
-            cdw[j] += dyr[j] * xh;
-            cdb[j] += dyr[j];
-          }
-        } else if (wa && cdw) {
-#pragma omp simd reduction(+ : s_gx, s_g)
-          for (int64_t j = 0; j < N; ++j) {
-            const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
-            s_gx += g * xh;
-            s_g += g;
-            cdw[j] += dyr[j] * xh;
-          }
-        } else {
-#pragma omp simd reduction(+ : s_gx, s_g)
-          for (int64_t j = 0; j < N; ++j) {
-            const A g = wa ? dyr[j] * wa[j] : dyr[j];
-            s_gx += g * (xr[j] - mu) * r;
-            s_g += g;
-          }
-          if (cdb) {
-#pragma omp simd
-            for (int64_t j = 0; j < N; ++j) cdb[j] += dyr[j];
-          }
-        }
-        const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
         A* dxr = same ? reinterpret_cast<A*>(dx + i * N) : out.data();
-        if (wa) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) dxr[j] = r * (dyr[j] * wa[j] - ((xr[j] - mu) * r * c1 + c2));
+        if (cdw && cdb) {
+          norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+        } else if (cdw) {
+          norm_bwd_row<true, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+        } else if (cdb) {
+          norm_bwd_row<false, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
         } else {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) dxr[j] = r * (dyr[j] - ((xr[j] - mu) * r * c1 + c2));
+          norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
         }
         if constexpr (!same) {
           T* dst = dx + i * N;
@@ -235,27 +229,21 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
       }
     }
   }
-  if (!partials) return;
+  if (!dw && !db) return;
   // Second pass: sum the chunk partials in a fixed order, parallel over column blocks.
   constexpr int64_t kCols = 256;
   const int64_t blocks = (N + kCols - 1) / kCols;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks * N > 16384)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t lo = blk * kCols, hi = std::min(N, lo + kCols);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (dw) dw[j] = 0;
-      if (centered && db) db[j] = 0;
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (dw) {
-        const A* p = pdw.data() + c * N;
+    for (int64_t k = 0; k < 2; ++k) {
+      A* dst = k == 0 ? dw : db;
+      if (!dst) continue;
+      std::fill(dst + lo, dst + hi, A(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const A* p = partial.data() + c * stride + k * db_off;
 #pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) dw[j] += p[j];
-      }
-      if (centered && db) {
-        const A* p = pdb.data() + c * N;
-#pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) db[j] += p[j];
+        for (int64_t j = lo; j < hi; ++j) dst[j] += p[j];
       }
     }
   }
