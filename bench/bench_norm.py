@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -19,10 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# OpenMP workers that sleep between kernels take milliseconds to wake on small VMs, which
+# swamps fwd+bwd timings of every provider alike; spinning keeps them measuring kernels.
+# Must be set before torch loads the OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 
-import fastcore
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastcore  # noqa: E402
 
 HIDDEN = [256, 512, 1024, 2048, 4096, 8192, 16384]
 MODES = ["fwd", "bwd", "fwd+bwd"]
