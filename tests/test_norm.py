@@ -180,6 +180,14 @@ def test_cpu_backend_results_do_not_depend_on_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_backend_large_output_streamed(op):
+    """Outputs over 8 MiB take the non-temporal store path; 1025 columns misalign most rows."""
+    if "cpu" not in fastcore.available_backends(op, "cpu"):
+        pytest.skip("the C++ extension cannot be built here")
+    check_against_reference(op, "cpu", "cpu", (2100, 1025), "contiguous", torch.float32)
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 40), hidden=st.integers(1, 700), dtype=st.sampled_from(DTYPES + [torch.float64]),
        op=st.sampled_from(OPS))

@@ -10,6 +10,9 @@
 #include "norm.h"
 
 #include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -92,6 +95,40 @@ inline const acc_t<T>* as_acc(const T* row, acc_t<T>* buf, int64_t N) {
   }
 }
 
+// Outputs this large are written with non-temporal stores: they will not be re-read
+// from cache soon, and bypassing it saves the read-for-ownership of every line.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+inline void stream_store(float* dst, const float* src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 64; ++j) dst[j] = src[j];
+  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+#elif defined(__AVX__)
+  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 32; ++j) dst[j] = src[j];
+  for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+inline void stream_store(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
+
+// Writes a finished row from the thread's row buffer: streamed for float/double, converted otherwise.
+template <typename T>
+inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    stream_store(dst, src, N);
+  } else {
+    for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(src[j]);
+  }
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+  _mm_sfence();  // make this thread's streamed rows visible before the parallel region ends
+#endif
+}
+
 template <typename T>
 std::vector<acc_t<T>> vector_or_empty(const T* p, int64_t N) {
   std::vector<acc_t<T>> out;
@@ -121,7 +158,9 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
   const A inv_n = A(1) / A(N);
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
-    std::vector<A> in(std::is_same_v<T, A> ? 0 : N), out(std::is_same_v<T, A> ? 0 : N);
+    constexpr bool same = std::is_same_v<T, A>;
+    const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write y in place
+    std::vector<A> in(same ? 0 : N), out(direct ? 0 : N);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       const A* xr = as_acc(x + i * x_stride, in.data(), N);
@@ -140,7 +179,7 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
       const A r = A(1) / std::sqrt(std::max(ss * inv_n, A(0)) + A(eps));
       if (centered) mean[i] = mu + delta;
       rstd[i] = r;
-      A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + i * N) : out.data();
+      A* yr = direct ? reinterpret_cast<A*>(y + i * N) : out.data();
       if (wa && ba) {
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r * wa[j] + ba[j];
@@ -154,11 +193,9 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r;
       }
-      if constexpr (!std::is_same_v<T, A>) {
-        T* dst = y + i * N;
-        for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(yr[j]);
-      }
+      if (!direct) store_row(y + i * N, yr, N);
     }
+    stream_fence();
   }
 }
 
@@ -198,11 +235,12 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
   const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
   // Per chunk: [dW partial | pad | dB partial | pad]; the pad keeps the two rows from
   // sharing 4 KiB-aliased addresses, which stalls the fused update loop.
-  const int64_t db_off = N + 16, stride = 2 * db_off;
+  const int64_t db_off = N + 40, stride = 2 * db_off;
   std::vector<A> partial((dw || db) ? chunks * stride : 0, A(0));
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
-    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), out(same ? 0 : N);
+    const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write dx in place
+    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), out(direct ? 0 : N);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* cdw = dw ? partial.data() + c * stride : nullptr;
@@ -212,7 +250,7 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
         const A* xr = as_acc(x + i * x_stride, xin.data(), N);
         const A* dyr = as_acc(dy + i * dy_stride, dyin.data(), N);
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
-        A* dxr = same ? reinterpret_cast<A*>(dx + i * N) : out.data();
+        A* dxr = direct ? reinterpret_cast<A*>(dx + i * N) : out.data();
         if (cdw && cdb) {
           norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
         } else if (cdw) {
@@ -222,12 +260,10 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
         } else {
           norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
         }
-        if constexpr (!same) {
-          T* dst = dx + i * N;
-          for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(dxr[j]);
-        }
+        if (!direct) store_row(dx + i * N, dxr, N);
       }
     }
+    stream_fence();
   }
   if (!dw && !db) return;
   // Second pass: sum the chunk partials in a fixed order, parallel over column blocks.
