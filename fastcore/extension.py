@@ -73,7 +73,9 @@ def _ensure_ninja_on_path() -> bool:
     try:
         import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        path = os.environ.get("PATH", "")
+        if ninja.BIN_DIR not in path.split(os.pathsep):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
     except ImportError:
         pass
     return shutil.which("ninja") is not None

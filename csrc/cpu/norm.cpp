@@ -1,12 +1,13 @@
 // LayerNorm / RMSNorm forward and backward on the CPU.
 //
-// One row at a time per thread (OpenMP over rows). A row is converted to the
-// accumulator type once into a thread-local buffer (skipped for float/double),
-// then every pass is a contiguous loop the compiler vectorises. The forward makes
-// one statistics pass over data shifted by the row's first element (accurate for
-// rows far from zero) and one output pass; y subtracts the shift and the small
-// mean correction separately. The backward fuses the dW/dB partials into its
-// row-sum pass.
+// One row at a time per thread (OpenMP over rows); every pass is a contiguous
+// loop the compiler vectorises, widening 16-bit inputs on the fly so a row stays
+// small in L1. The forward makes one statistics pass over data shifted by the
+// row's first element (accurate for rows far from zero) and one output pass; y
+// subtracts the shift and the small mean correction separately. The backward
+// fuses the dW/dB partials into its two passes. Outputs are written by tiles:
+// in place for small float tensors, else staged in L1, then converted or
+// streamed past the cache.
 #include "norm.h"
 
 #include <omp.h>
@@ -24,12 +25,7 @@ namespace fastcore {
 namespace cpu {
 namespace {
 
-inline float to_acc(bf16 v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float to_acc(bf16 v) { return __builtin_bit_cast(float, uint32_t(v.bits) << 16); }
 
 inline float to_acc(f16 v) {
   uint32_t sign = uint32_t(v.bits & 0x8000u) << 16, exp = (v.bits >> 10) & 0x1fu, man = v.bits & 0x3ffu, u;
@@ -56,14 +52,6 @@ template <typename T> inline T from_acc(acc_t<T> v);
 template <> inline float from_acc<float>(float v) { return v; }
 template <> inline double from_acc<double>(double v) { return v; }
 
-template <> inline bf16 from_acc<bf16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};  // keep NaN a NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{uint16_t(u >> 16)};
-}
-
 template <> inline f16 from_acc<f16>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, 4);
@@ -82,17 +70,6 @@ template <> inline f16 from_acc<f16>(float v) {
   const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
   if (rem > half || (rem == half && (h & 1u))) ++h;
   return f16{uint16_t(sign | h)};
-}
-
-// The row as accumulator values: the row itself when T is the accumulator type.
-template <typename T>
-inline const acc_t<T>* as_acc(const T* row, acc_t<T>* buf, int64_t N) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return row;
-  } else {
-    for (int64_t j = 0; j < N; ++j) buf[j] = to_acc(row[j]);
-    return buf;
-  }
 }
 
 // Outputs this large are written with non-temporal stores: they will not be re-read
@@ -118,6 +95,15 @@ template <typename T>
 inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
   if constexpr (std::is_same_v<T, acc_t<T>>) {
     stream_store(dst, src, N);
+  } else if constexpr (std::is_same_v<T, bf16>) {
+    // from_acc<bf16> without branches, so the loop vectorises.
+    uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+      const uint32_t u = __builtin_bit_cast(uint32_t, src[j]);
+      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+      bits[j] = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+    }
   } else {
     for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(src[j]);
   }
@@ -129,15 +115,18 @@ inline void stream_fence() {
 #endif
 }
 
+// Weight or bias in the accumulator type, or `fill` when absent.
 template <typename T>
-std::vector<acc_t<T>> vector_or_empty(const T* p, int64_t N) {
-  std::vector<acc_t<T>> out;
+std::vector<acc_t<T>> vector_or(const T* p, int64_t N, acc_t<T> fill) {
+  std::vector<acc_t<T>> out(N, fill);
   if (p) {
-    out.resize(N);
     for (int64_t j = 0; j < N; ++j) out[j] = to_acc(p[j]);
   }
   return out;
 }
+
+// Columns staged per tile when an output row must be converted or streamed.
+constexpr int64_t kTile = 512;
 
 // Rows per dW/dB partial: enough chunks to keep threads busy, few enough to keep the buffer small.
 inline int64_t partial_chunks(int64_t M, int64_t N) {
@@ -152,25 +141,24 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
               acc_t<T>* mean, acc_t<T>* rstd, int64_t M, int64_t N, double eps,
               bool centered, int num_threads) {
   using A = acc_t<T>;
-  const std::vector<A> wv = vector_or_empty(w, N), bv = vector_or_empty(centered ? b : nullptr, N);
-  const A* wa = w ? wv.data() : nullptr;
-  const A* ba = (centered && b) ? bv.data() : nullptr;
+  // A missing weight is ones and a missing bias zeros: one loop, two cheap L1 loads.
+  const std::vector<A> wa = vector_or(w, N, A(1)), ba = vector_or(centered ? b : nullptr, N, A(0));
   const A inv_n = A(1) / A(N);
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
     constexpr bool same = std::is_same_v<T, A>;
     const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write y in place
-    std::vector<A> in(same ? 0 : N), out(direct ? 0 : N);
+    std::vector<A> out(direct ? 0 : kTile);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      const A* xr = as_acc(x + i * x_stride, in.data(), N);
+      const T* xr = x + i * x_stride;  // 16-bit rows are widened on the fly in both passes
       // One pass over data shifted by the row's first element: sums of x - K stay small
       // when the row sits far from zero, so var = E[t^2] - E[t]^2 loses about one bit.
-      const A K = centered ? xr[0] : A(0);
+      const A K = centered ? to_acc(xr[0]) : A(0);
       A s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
       for (int64_t j = 0; j < N; ++j) {
-        const A t = xr[j] - K;
+        const A t = to_acc(xr[j]) - K;
         s += t;
         ss += t * t;
       }
@@ -179,44 +167,47 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
       const A r = A(1) / std::sqrt(std::max(ss * inv_n, A(0)) + A(eps));
       if (centered) mean[i] = mu + delta;
       rstd[i] = r;
-      A* yr = direct ? reinterpret_cast<A*>(y + i * N) : out.data();
-      if (wa && ba) {
+      for (int64_t j0 = 0; j0 < N; j0 += kTile) {  // tiles keep the staging buffer in L1
+        const int64_t n = std::min(kTile, N - j0);
+        const T* xt = xr + j0;
+        const A *wt = wa.data() + j0, *bt = ba.data() + j0;
+        A* yt = direct ? reinterpret_cast<A*>(y + i * N + j0) : out.data();
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r * wa[j] + ba[j];
-      } else if (wa) {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r * wa[j];
-      } else if (ba) {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r + ba[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) yr[j] = ((xr[j] - mu) - delta) * r;
+        for (int64_t j = 0; j < n; ++j) yt[j] = ((to_acc(xt[j]) - mu) - delta) * r * wt[j] + bt[j];
+        if (!direct) store_row(y + i * N + j0, yt, n);
       }
-      if (!direct) store_row(y + i * N, yr, N);
     }
     stream_fence();
   }
 }
 
 // One row of the backward. Pass 1: the row sums sum(wdy*xhat), sum(wdy), fused with the
-// dW partial. Pass 2: dx and the dB partial. Both re-read the row from L1 instead of staging temporaries.
-template <bool DW, bool DB, typename A>
-inline void norm_bwd_row(const A* xr, const A* dyr, const A* wa, A mu, A r, A inv_n, bool centered,
-                         A* dxr, A* cdw, A* cdb, int64_t N) {
+// dW partial. Pass 2, by tiles: dx and the dB partial. Both re-read the row from L1
+// instead of staging temporaries; `direct` writes dx in place, else via a tile buffer.
+template <bool DW, bool DB, typename T, typename A>
+inline void norm_bwd_row(const T* xr, const T* dyr, const A* wa, A mu, A r, A inv_n, bool centered,
+                         T* dx, bool direct, A* tile, A* cdw, A* cdb, int64_t N) {
   A s_gx = 0, s_g = 0;
 #pragma omp simd reduction(+ : s_gx, s_g)
   for (int64_t j = 0; j < N; ++j) {
-    const A xh = (xr[j] - mu) * r, g = dyr[j] * wa[j];
+    const A xh = (to_acc(xr[j]) - mu) * r, dyj = to_acc(dyr[j]), g = dyj * wa[j];
     s_gx += g * xh;
     s_g += g;
-    if constexpr (DW) cdw[j] += dyr[j] * xh;
+    if constexpr (DW) cdw[j] += dyj * xh;
   }
   const A c1 = s_gx * inv_n, c2 = centered ? s_g * inv_n : A(0);
+  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+    const int64_t n = std::min(kTile, N - j0);
+    const T *xt = xr + j0, *dyt = dyr + j0;
+    const A* wt = wa + j0;
+    A* dxt = direct ? reinterpret_cast<A*>(dx + j0) : tile;
 #pragma omp simd
-  for (int64_t j = 0; j < N; ++j) {
-    dxr[j] = r * (dyr[j] * wa[j] - ((xr[j] - mu) * r * c1 + c2));
-    if constexpr (DB) cdb[j] += dyr[j];  // here, to balance the two passes' memory streams
+    for (int64_t j = 0; j < n; ++j) {
+      const A dyj = to_acc(dyt[j]);
+      dxt[j] = r * (dyj * wt[j] - ((to_acc(xt[j]) - mu) * r * c1 + c2));
+      if constexpr (DB) cdb[j0 + j] += dyj;  // here, to balance the two passes' memory streams
+    }
+    if (!direct) store_row(dx + j0, dxt, n);
   }
 }
 
@@ -226,8 +217,7 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
               int64_t M, int64_t N, bool centered, int num_threads) {
   using A = acc_t<T>;
   constexpr bool same = std::is_same_v<T, A>;
-  std::vector<A> wv = vector_or_empty(w, N);
-  if (!w) wv.assign(N, A(1));
+  const std::vector<A> wv = vector_or(w, N, A(1));
   const A* wa = wv.data();
   const A inv_n = A(1) / A(N);
   if (!centered) db = nullptr;
@@ -240,27 +230,26 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
     const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write dx in place
-    std::vector<A> xin(same ? 0 : N), dyin(same ? 0 : N), out(direct ? 0 : N);
+    std::vector<A> out(direct ? 0 : kTile);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* cdw = dw ? partial.data() + c * stride : nullptr;
       A* cdb = db ? partial.data() + c * stride + db_off : nullptr;
       const int64_t end = std::min(M, (c + 1) * rows_per_chunk);
       for (int64_t i = c * rows_per_chunk; i < end; ++i) {
-        const A* xr = as_acc(x + i * x_stride, xin.data(), N);
-        const A* dyr = as_acc(dy + i * dy_stride, dyin.data(), N);
+        const T* xr = x + i * x_stride;
+        const T* dyr = dy + i * dy_stride;
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
-        A* dxr = direct ? reinterpret_cast<A*>(dx + i * N) : out.data();
+        T* dxr = dx + i * N;
         if (cdw && cdb) {
-          norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+          norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
         } else if (cdw) {
-          norm_bwd_row<true, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+          norm_bwd_row<true, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
         } else if (cdb) {
-          norm_bwd_row<false, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+          norm_bwd_row<false, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
         } else {
-          norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, cdw, cdb, N);
+          norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
         }
-        if (!direct) store_row(dx + i * N, dxr, N);
       }
     }
     stream_fence();
