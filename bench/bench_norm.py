@@ -80,25 +80,6 @@ def _liger(op, device):
 
 
 # ---------------------------------------------------------------- timing
-def time_ms(fn, device: str, repeats: int) -> tuple[float, float]:
-    """(median, interquartile range) in milliseconds."""
-    if device == "cuda":
-        import triton.testing
-
-        # do_bench flushes L2 between runs and times with CUDA events.
-        qs = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
-        return qs[1], qs[2] - qs[0]
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=4)
-    return statistics.median(samples), q[2] - q[0]
-
-
 def min_bytes(op: str, mode: str, rows: int, hidden: int, dtype: torch.dtype) -> int:
     e = torch.finfo(dtype).bits // 8
     params = (2 if op == "layer_norm" else 1) * hidden * e
@@ -107,7 +88,8 @@ def min_bytes(op: str, mode: str, rows: int, hidden: int, dtype: torch.dtype) ->
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def run_case(fn, op, mode, rows, hidden, dtype, device, repeats):
+def make_step(fn, op, mode, rows, hidden, dtype, device):
+    """A closure running one `mode` of `fn` on fixed inputs (the same inputs for every provider)."""
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
     w = torch.randn(hidden, device=device, dtype=dtype, generator=gen)
@@ -126,12 +108,38 @@ def run_case(fn, op, mode, rows, hidden, dtype, device, repeats):
         def step():
             torch.autograd.grad(fn(x, w, b), leaves, dy)
     step()  # compile / build outside the timed region
+    return step
+
+
+def measure(steps: dict, device: str, repeats: int) -> dict:
+    """name -> (median ms, interquartile range ms, peak bytes or None).
+
+    GPU: CUDA events via triton's do_bench, which flushes L2 between runs. CPU: the providers
+    are timed round-robin, so drift on a shared machine hits them alike.
+    """
+    out = {}
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    median, iqr = time_ms(step, device, repeats)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return median, iqr, peak
+        import triton.testing
+
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            qs = triton.testing.do_bench(step, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+            out[name] = (qs[1], qs[2] - qs[0], torch.cuda.max_memory_allocated())
+        return out
+    samples = {name: [] for name in steps}
+    for _ in range(3):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    for name, ts in samples.items():
+        q = statistics.quantiles(ts, n=4)
+        out[name] = (statistics.median(ts), q[2] - q[0], None)
+    return out
 
 
 # ---------------------------------------------------------------- machine identity
@@ -207,20 +215,20 @@ def main(argv=None) -> int:
             for n in hidden:
                 for mode in args.modes:
                     case = f"{args.rows}x{n} {dtype_name}"
-                    eager_ms = None
-                    for name in ["torch"] + [p for p in provs if p != "torch"]:
-                        fn = provs[name]
-                        row = {"op": op, "provider": name, "case": case, "mode": mode,
-                               "shape": [args.rows, n], "dtype": dtype_name}
+                    base = {"op": op, "case": case, "mode": mode, "shape": [args.rows, n], "dtype": dtype_name}
+                    runnable = {name: fn for name, fn in provs.items() if not isinstance(fn, str)}
+                    steps = {name: make_step(fn, op, mode, args.rows, n, dtype, args.device)
+                             for name, fn in runnable.items()}
+                    timings = measure(steps, args.device, repeats)
+                    eager_ms = timings["torch"][0]
+                    for name, fn in provs.items():
+                        row = dict(base, provider=name)
                         if isinstance(fn, str):
-                            row["skipped"] = fn
-                            results.append(row)
+                            results.append(dict(row, skipped=fn))
                             continue
-                        median, iqr, peak = run_case(fn, op, mode, args.rows, n, dtype, args.device, repeats)
+                        median, iqr, peak = timings[name]
                         gbps = min_bytes(op, mode, args.rows, n, dtype) / (median * 1e-3) / 1e9
                         row.update(median_ms=median, iqr_ms=iqr, gbps=gbps, peak_mem_bytes=peak)
-                        if name == "torch":
-                            eager_ms = median
                         if name.startswith("fastcore"):
                             row["speedup"] = eager_ms / median
                         results.append(row)

@@ -5,15 +5,11 @@
 // small in L1. The forward makes one statistics pass over data shifted by the
 // row's first element (accurate for rows far from zero) and one output pass; y
 // subtracts the shift and the small mean correction separately. The backward
-// fuses the dW/dB partials into its two passes. Outputs are written by tiles:
-// in place for small float tensors, else staged in L1, then converted or
-// streamed past the cache.
+// fuses the dW/dB partials into its two passes. float/double outputs are written
+// in place; 16-bit ones are staged by L1-sized tiles, then narrowed.
 #include "norm.h"
 
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -72,30 +68,10 @@ template <> inline f16 from_acc<f16>(float v) {
   return f16{uint16_t(sign | h)};
 }
 
-// Outputs this large are written with non-temporal stores: they will not be re-read
-// from cache soon, and bypassing it saves the read-for-ownership of every line.
-constexpr int64_t kStreamBytes = int64_t(8) << 20;
-
-inline void stream_store(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 64; ++j) dst[j] = src[j];
-  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
-#elif defined(__AVX__)
-  for (; j < n && reinterpret_cast<uintptr_t>(dst + j) % 32; ++j) dst[j] = src[j];
-  for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
-#endif
-  for (; j < n; ++j) dst[j] = src[j];
-}
-
-inline void stream_store(double* dst, const double* src, int64_t n) { std::memcpy(dst, src, n * sizeof(double)); }
-
-// Writes a finished row from the thread's row buffer: streamed for float/double, converted otherwise.
+// Writes a finished tile of a 16-bit output row from the thread's L1 staging buffer.
 template <typename T>
 inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    stream_store(dst, src, N);
-  } else if constexpr (std::is_same_v<T, bf16>) {
+  if constexpr (std::is_same_v<T, bf16>) {
     // from_acc<bf16> without branches, so the loop vectorises.
     uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
@@ -109,11 +85,6 @@ inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
   }
 }
 
-inline void stream_fence() {
-#if defined(__AVX512F__) || defined(__AVX__)
-  _mm_sfence();  // make this thread's streamed rows visible before the parallel region ends
-#endif
-}
 
 // Weight or bias in the accumulator type, or `fill` when absent.
 template <typename T>
@@ -125,7 +96,7 @@ std::vector<acc_t<T>> vector_or(const T* p, int64_t N, acc_t<T> fill) {
   return out;
 }
 
-// Columns staged per tile when an output row must be converted or streamed.
+// Columns staged per tile when a 16-bit output row is narrowed.
 constexpr int64_t kTile = 512;
 
 // Rows per dW/dB partial: enough chunks to keep threads busy, few enough to keep the buffer small.
@@ -147,7 +118,7 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
     constexpr bool same = std::is_same_v<T, A>;
-    const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write y in place
+    constexpr bool direct = same;  // float/double outputs are written in place
     std::vector<A> out(direct ? 0 : kTile);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
@@ -174,19 +145,19 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
         A* yt = direct ? reinterpret_cast<A*>(y + i * N + j0) : out.data();
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) yt[j] = ((to_acc(xt[j]) - mu) - delta) * r * wt[j] + bt[j];
-        if (!direct) store_row(y + i * N + j0, yt, n);
+        if constexpr (!direct) store_row(y + i * N + j0, yt, n);
       }
     }
-    stream_fence();
   }
 }
 
 // One row of the backward. Pass 1: the row sums sum(wdy*xhat), sum(wdy), fused with the
 // dW partial. Pass 2, by tiles: dx and the dB partial. Both re-read the row from L1
-// instead of staging temporaries; `direct` writes dx in place, else via a tile buffer.
+// instead of staging temporaries; 16-bit dx goes through the `tile` buffer.
 template <bool DW, bool DB, typename T, typename A>
 inline void norm_bwd_row(const T* xr, const T* dyr, const A* wa, A mu, A r, A inv_n, bool centered,
-                         T* dx, bool direct, A* tile, A* cdw, A* cdb, int64_t N) {
+                         T* dx, A* tile, A* cdw, A* cdb, int64_t N) {
+  constexpr bool direct = std::is_same_v<T, A>;
   A s_gx = 0, s_g = 0;
 #pragma omp simd reduction(+ : s_gx, s_g)
   for (int64_t j = 0; j < N; ++j) {
@@ -207,7 +178,7 @@ inline void norm_bwd_row(const T* xr, const T* dyr, const A* wa, A mu, A r, A in
       dxt[j] = r * (dyj * wt[j] - ((to_acc(xt[j]) - mu) * r * c1 + c2));
       if constexpr (DB) cdb[j0 + j] += dyj;  // here, to balance the two passes' memory streams
     }
-    if (!direct) store_row(dx + j0, dxt, n);
+    if constexpr (!direct) store_row(dx + j0, dxt, n);
   }
 }
 
@@ -229,8 +200,7 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
   std::vector<A> partial((dw || db) ? chunks * stride : 0, A(0));
 #pragma omp parallel num_threads(num_threads) if (M * N > 16384)
   {
-    const bool direct = same && M * N * int64_t(sizeof(T)) < kStreamBytes;  // write dx in place
-    std::vector<A> out(direct ? 0 : kTile);
+    std::vector<A> out(same ? 0 : kTile);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
       A* cdw = dw ? partial.data() + c * stride : nullptr;
@@ -242,17 +212,16 @@ void norm_bwd(const T* dy, int64_t dy_stride, const T* x, int64_t x_stride, cons
         const A mu = centered ? mean[i] : A(0), r = rstd[i];
         T* dxr = dx + i * N;
         if (cdw && cdb) {
-          norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
+          norm_bwd_row<true, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, out.data(), cdw, cdb, N);
         } else if (cdw) {
-          norm_bwd_row<true, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
+          norm_bwd_row<true, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, out.data(), cdw, cdb, N);
         } else if (cdb) {
-          norm_bwd_row<false, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
+          norm_bwd_row<false, true>(xr, dyr, wa, mu, r, inv_n, centered, dxr, out.data(), cdw, cdb, N);
         } else {
-          norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, direct, out.data(), cdw, cdb, N);
+          norm_bwd_row<false, false>(xr, dyr, wa, mu, r, inv_n, centered, dxr, out.data(), cdw, cdb, N);
         }
       }
     }
-    stream_fence();
   }
   if (!dw && !db) return;
   // Second pass: sum the chunk partials in a fixed order, parallel over column blocks.
