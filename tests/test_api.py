@@ -60,6 +60,16 @@ BAD_INPUTS = [
 ]
 
 
+def test_eps_accepts_any_real_number():
+    import numpy as np
+
+    x = torch.randn(3, 8)
+    expected = torch.nn.functional.layer_norm(x, (8,), eps=1e-3)
+    assert_close(fastcore.layer_norm(x, eps=np.float32(1e-3)), expected.double(), torch.float32)
+    assert_close(fastcore.layer_norm(x, eps=1), torch.nn.functional.layer_norm(x, (8,), eps=1.0).double(),
+                 torch.float32)
+
+
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
 def test_bad_input_raises_a_clear_error(case):
     fn, exc, message = BAD_INPUTS[case]
@@ -133,6 +143,19 @@ def test_torch_compile_fullgraph_traces_the_ops():
     assert_close(out, eager_out.detach().double(), torch.float32)
     for got, want in zip([p.grad for p in model.parameters()], eager_grads):
         assert_close(got, want, torch.float32, "grad")
+
+
+def test_torch_compile_dynamic_shapes_and_eps():
+    """Dynamic shapes make eps a symbolic float; the argument checks must still trace."""
+    norm = fastcore.nn.LayerNorm(8)
+    compiled = torch.compile(norm, fullgraph=True, dynamic=True)
+    for rows in (3, 5):
+        x = torch.randn(rows, 2, 8)
+        assert_close(compiled(x), torch.nn.functional.layer_norm(x.double(), (8,)), torch.float32)
+    fn = torch.compile(lambda x, e: fastcore.rms_norm(x, eps=e), fullgraph=True)
+    x = torch.randn(4, 8)
+    for eps in (1e-5, 1e-3):
+        assert_close(fn(x, eps), torch.nn.functional.rms_norm(x.double(), (8,), eps=eps), torch.float32)
 
 
 # ---------------------------------------------------------------- CLI

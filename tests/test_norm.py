@@ -103,25 +103,33 @@ def test_large_offset_and_eps(op, device, backend):
         assert_close(out, call_reference(op, x.double(), None, None, eps), torch.float32, f"{op} eps={eps}")
 
 
-@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
-def test_rms_norm_default_eps_is_dtype_eps(device, backend):
-    x = torch.randn(4, 64, device=device) * 1e-4  # small enough that eps matters
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm") + [("cpu", "reference")])
+def test_rms_norm_default_eps_matches_torch(device, backend, dtype):
+    """eps=None is PyTorch's default: float32's eps for 16-bit inputs, not finfo(x.dtype).eps."""
+    x = (torch.randn(4, 64, device=device) * 1e-3).to(dtype)  # small enough that eps matters
     out = fastcore.rms_norm(x, backend=backend)
     expected = torch.nn.functional.rms_norm(x.double(), (64,), eps=torch.finfo(torch.float32).eps)
-    assert_close(out, expected, torch.float32)
+    assert_close(out, expected, dtype)
+    assert_close(out, torch.nn.functional.rms_norm(x.float(), (64,)), dtype, "vs torch's own default")
 
 
 @pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
 def test_weight_in_other_dtype(device, backend):
-    """A float32 weight on bfloat16 activations: cast to bf16, its gradient returned in float32."""
+    """A float32 weight and bias on bfloat16 activations: cast to bf16 for the kernel, while their
+    gradients are reduced in float32 and rounded once, to float32, so they keep float32 accuracy."""
     x = torch.randn(8, 96, device=device).to(torch.bfloat16).requires_grad_()
     w = torch.randn(96, device=device, requires_grad=True)
-    out = fastcore.layer_norm(x, w, None, backend=backend)
-    out.float().sum().backward()
-    assert out.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    b = torch.randn(96, device=device, requires_grad=True)
+    dy = torch.randn(8, 96, device=device).to(torch.bfloat16)
+    out = fastcore.layer_norm(x, w, b, backend=backend)
+    out.backward(dy)
+    assert out.dtype == torch.bfloat16 and w.grad.dtype == b.grad.dtype == torch.float32
     rw = w.detach().to(torch.bfloat16).double().requires_grad_()
-    reference.layer_norm(x.detach().double(), rw).sum().backward()
-    assert_close(w.grad, rw.grad, torch.bfloat16, "dw")
+    rb = b.detach().to(torch.bfloat16).double().requires_grad_()
+    reference.layer_norm(x.detach().double(), rw, rb).backward(dy.double())
+    assert_close(w.grad, rw.grad, torch.float32, "dw")
+    assert_close(b.grad, rb.grad, torch.float32, "db")
 
 
 @pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
@@ -181,8 +189,8 @@ def test_cpu_backend_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_cpu_backend_large_output_streamed(op):
-    """Outputs over 8 MiB take the non-temporal store path; 1025 columns misalign most rows."""
+def test_cpu_backend_large_misaligned_output(op):
+    """An 8.6 MB output (more than L2 holds) with 1025 columns, so most rows are misaligned."""
     if "cpu" not in fastcore.available_backends(op, "cpu"):
         pytest.skip("the C++ extension cannot be built here")
     check_against_reference(op, "cpu", "cpu", (2100, 1025), "contiguous", torch.float32)

@@ -6,6 +6,7 @@ Both ops share one pair of custom ops (``fastcore::norm_fwd`` / ``fastcore::norm
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -20,28 +21,30 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     """LayerNorm over the last dim of ``x``: ``(x - mean) / sqrt(var + eps) * weight + bias``.
 
     Statistics are computed in float32 (float64 for float64 input). ``weight`` and ``bias``
-    are cast to ``x.dtype`` when they differ; their gradients come back in their own dtype.
+    of another dtype are cast to ``x.dtype`` for the kernel; their gradients are reduced in
+    float32 and returned in their own dtype.
     """
     _check_args("layer_norm", x, weight, bias, eps)
     name = resolve_backend("layer_norm", backend, x.device, x.dtype)
     if name == "reference":
         return reference.layer_norm(x, weight, bias, eps)
-    return torch.ops.fastcore.norm_fwd(x, _like(weight, x), _like(bias, x), float(eps), True, name)[0]
+    return torch.ops.fastcore.norm_fwd(x, weight, bias, _as_float(eps), True, name)[0]
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
              backend: str = "auto") -> Tensor:
     """RMSNorm over the last dim of ``x``: ``x / sqrt(mean(x^2) + eps) * weight``.
 
-    ``eps=None`` means ``torch.finfo(x.dtype).eps``, as in ``torch.nn.functional.rms_norm``.
+    ``eps=None`` means what ``torch.nn.functional.rms_norm`` uses: the machine eps of the
+    compute dtype, which is float32 for float16/bfloat16 inputs.
     """
     _check_args("rms_norm", x, weight, None, eps)
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = reference.norm.default_rms_eps(x.dtype)
     name = resolve_backend("rms_norm", backend, x.device, x.dtype)
     if name == "reference":
         return reference.rms_norm(x, weight, eps)
-    return torch.ops.fastcore.norm_fwd(x, _like(weight, x), None, float(eps), False, name)[0]
+    return torch.ops.fastcore.norm_fwd(x, weight, None, _as_float(eps), False, name)[0]
 
 
 def _check_args(op: str, x, weight, bias, eps) -> None:
@@ -66,13 +69,19 @@ def _check_args(op: str, x, weight, bias, eps) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; put them on one device")
     if eps is None and op == "rms_norm":
         return
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
+    # Comparisons rather than math.isfinite, so a symbolic eps under torch.compile still traces.
+    if not 0 <= eps < math.inf:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
 
 
+def _as_float(eps):
+    return eps if isinstance(eps, torch.SymFloat) else float(eps)
+
+
 def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The kernels take weight/bias in x's dtype, contiguous."""
     return None if t is None else t.to(x.dtype).contiguous()
 
 
@@ -91,7 +100,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 @torch.library.custom_op("fastcore::norm_fwd", mutates_args=())
 def _norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
               centered: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    rows = _rows(x)
+    rows, weight, bias = _rows(x), _like(weight, x), _like(bias, x)
     if backend == "triton":
         from fastcore.kernels import norm as kernels
 
@@ -118,7 +127,7 @@ def _(x, weight, bias, eps, centered, backend):
 @torch.library.custom_op("fastcore::norm_bwd", mutates_args=())
 def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
               has_bias: bool, centered: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    rows, drows = _rows(x), _rows(dy)
+    rows, drows, weight = _rows(x), _rows(dy), _like(weight, x)
     if backend == "triton":
         from fastcore.kernels import norm as kernels
 
@@ -131,16 +140,19 @@ def _norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rst
         from fastcore import extension
 
         dx, dw, db = extension.load().norm_bwd(drows, rows, weight, mean, rstd, has_bias, centered)
-    dw = dw.to(x.dtype) if weight is not None else x.new_empty(0)
-    db = db.to(x.dtype) if (centered and has_bias) else x.new_empty(0)
+    # dW/dB stay in the statistics dtype here; _backward rounds them once, to each parameter's dtype.
+    if weight is None:
+        dw = x.new_empty(0, dtype=_stat_dtype(x))
+    if not (centered and has_bias):
+        db = x.new_empty(0, dtype=_stat_dtype(x))  # a separate tensor: outputs may not alias
     return dx.view(x.shape), dw, db
 
 
 @_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, has_bias, centered, backend):
-    n = x.shape[-1]
+    n, stats = x.shape[-1], dict(dtype=_stat_dtype(x), device=x.device)
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            x.new_empty(n if weight is not None else 0), x.new_empty(n if (centered and has_bias) else 0))
+            torch.empty(n if weight is not None else 0, **stats), torch.empty(n if (centered and has_bias) else 0, **stats))
 
 
 def _setup_context(ctx, inputs, output):
@@ -148,13 +160,16 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.has_bias, ctx.centered, ctx.backend = bias is not None, centered, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.centered, ctx.backend = centered, backend
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.fastcore.norm_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.centered, ctx.backend)
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+    has_bias = ctx.bias_dtype is not None
+    dx, dw, db = torch.ops.fastcore.norm_bwd(dy, x, weight, mean, rstd, has_bias, ctx.centered, ctx.backend)
+    return (dx, None if weight is None else dw.to(weight.dtype), db.to(ctx.bias_dtype) if has_bias else None,
+            None, None, None)
 
 
 _norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -17,10 +17,15 @@ def layer_norm(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-5) -> to
     return y.to(x.dtype)
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """PyTorch's rms_norm default: the machine eps of the compute dtype (float32 for 16-bit inputs)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def rms_norm(x: torch.Tensor, weight=None, eps: float | None = None) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim; eps=None means finfo(x.dtype).eps."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; eps=None as in torch.nn.functional.rms_norm."""
     if eps is None:
-        eps = torch.finfo(x.dtype).eps
+        eps = default_rms_eps(x.dtype)
     xd = x.double()
     y = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
