@@ -179,7 +179,7 @@ def keep_freed_memory_in_the_heap() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 31 - 1)  # M_TRIM_THRESHOLD
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -45,8 +45,6 @@ inline float to_acc(float v) { return v; }
 inline double to_acc(double v) { return v; }
 
 template <typename T> inline T from_acc(acc_t<T> v);
-template <> inline float from_acc<float>(float v) { return v; }
-template <> inline double from_acc<double>(double v) { return v; }
 
 template <> inline f16 from_acc<f16>(float v) {
   uint32_t u;
@@ -72,7 +70,7 @@ template <> inline f16 from_acc<f16>(float v) {
 template <typename T>
 inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
   if constexpr (std::is_same_v<T, bf16>) {
-    // from_acc<bf16> without branches, so the loop vectorises.
+    // Round to nearest even, keeping NaN a NaN, without branches so the loop vectorises.
     uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) {
