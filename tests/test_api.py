@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastcore
-from fastcore import backends
+from fastcore import backends, reference
 from conftest import assert_close
 
 HAS_CPP = "cpu" in fastcore.available_backends("layer_norm", "cpu")
@@ -143,6 +143,29 @@ def test_torch_compile_fullgraph_traces_the_ops():
     assert_close(out, eager_out.detach().double(), torch.float32)
     for got, want in zip([p.grad for p in model.parameters()], eager_grads):
         assert_close(got, want, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+def test_custom_ops_pass_opcheck(centered):
+    """Schema, fake implementation and autograd registration of the ops torch.compile traces."""
+    backend = fastcore.available_backends("layer_norm", "cpu")[0]
+    if backend == "reference":
+        pytest.skip("the reference backend does not go through the custom ops")
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    b = torch.randn(16, requires_grad=True) if centered else None
+    torch.library.opcheck(torch.ops.fastcore.norm_fwd.default, (x, w, b, 1e-5, centered, backend))
+    y, mean, rstd = torch.ops.fastcore.norm_fwd(x, w, b, 1e-5, centered, backend)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastcore.norm_bwd.default,
+                          (dy, x.detach(), w.detach(), mean, rstd, b is not None, centered, backend))
+    # The registered autograd formula, in eager, against the reference.
+    y.backward(dy)
+    rx, rw = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.layer_norm(rx, rw, b.detach().double()) if centered else reference.rms_norm(rx, rw, 1e-5)
+    ref.backward(dy.double())
+    assert_close(x.grad, rx.grad, torch.float32, "dx")
+    assert_close(w.grad, rw.grad, torch.float32, "dw")
 
 
 def test_torch_compile_dynamic_shapes_and_eps():
