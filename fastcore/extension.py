@@ -110,7 +110,10 @@ def state() -> str:
 
 
 def has_cuda() -> bool:
-    return _module is not None and bool(getattr(_module, "WITH_CUDA", False))
+    """Whether the extension has (or, once built here, will have) its CUDA kernels."""
+    if _module is not None:
+        return bool(getattr(_module, "WITH_CUDA", False))
+    return _cuda_wanted()
 
 
 def _build_dir(with_cuda: bool) -> Path:

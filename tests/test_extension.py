@@ -87,3 +87,15 @@ def test_cuda_binding_type_checks(tmp_path):
            f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}", str(src / "bindings.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_cuda_backend_is_available_before_the_first_build(monkeypatch):
+    """On a GPU machine the cuda backend must be listed before anything has loaded the extension."""
+    if extension.why_unavailable() is not None:
+        pytest.skip("no C++ toolchain here")
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_cuda_wanted", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fastcore.backends.why_unavailable("cuda", "cuda") is None
+    monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
+    assert "without CUDA" in fastcore.backends.why_unavailable("cuda", "cuda")

@@ -39,9 +39,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
     ``eps=None`` means what ``torch.nn.functional.rms_norm`` uses: the machine eps of the
     compute dtype, which is float32 for float16/bfloat16 inputs.
     """
-    _check_args("rms_norm", x, weight, None, eps)
-    if eps is None:
+    if eps is None and isinstance(x, Tensor):
         eps = reference.norm.default_rms_eps(x.dtype)
+    _check_args("rms_norm", x, weight, None, eps)
     name = resolve_backend("rms_norm", backend, x.device, x.dtype)
     if name == "reference":
         return reference.rms_norm(x, weight, eps)
@@ -76,8 +76,6 @@ def _check_args(op: str, x, weight, bias, eps) -> None:
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; put them on one device")
-    if eps is None and op == "rms_norm":
-        return
     if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
     # Comparisons rather than math.isfinite, so a symbolic eps under torch.compile still traces.
