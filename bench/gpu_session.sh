@@ -5,13 +5,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-slug=$(python -c "import torch; print(torch.cuda.get_device_name(0).lower().replace(' ', '-'))")
 
 pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 python -m fastcore build > "$OUT/build.log" 2>&1; echo "build: exit $?" | tee -a "$OUT/summary.txt"
 python -m fastcore info > "$OUT/info.txt" 2>&1
 python -m pytest -q -m gpu tests > "$OUT/pytest_gpu.log" 2>&1; echo "pytest -m gpu: exit $?" | tee -a "$OUT/summary.txt"
 tail -n 3 "$OUT/pytest_gpu.log"
-python bench/bench_norm.py --device cuda --json "$OUT/$slug/norm.json" > "$OUT/bench_norm.log" 2>&1
-echo "bench_norm: exit $?" | tee -a "$OUT/summary.txt"
-grep -E "fwd\+bwd" "$OUT/bench_norm.log" | head -60
+slug=$(python -c "from fastcore.bench.harness import device_slug; print(device_slug('cuda'))")
+python -m fastcore bench --device cuda --json "$OUT/$slug/all.json" --plot "$OUT/$slug" --markdown \
+  > "$OUT/bench.log" 2>&1; echo "bench: exit $?" | tee -a "$OUT/summary.txt"
+if [ -f "bench/baselines/$slug.json" ]; then
+  python -m fastcore bench compare bench/baselines/ "$OUT/$slug/all.json" > "$OUT/compare.log" 2>&1
+  echo "compare: exit $?" | tee -a "$OUT/summary.txt"
+fi
+grep -E "fwd\+bwd|skipped" "$OUT/bench.log" | head -60

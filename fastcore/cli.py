@@ -1,4 +1,4 @@
-"""The ``fastcore`` command line: ``fastcore info`` and ``fastcore build``."""
+"""The ``fastcore`` command line: ``fastcore info``, ``fastcore build`` and ``fastcore bench``."""
 from __future__ import annotations
 
 import argparse
@@ -62,10 +62,17 @@ def info() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    command_line = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from fastcore.bench import cli
+
+        return cli.main(argv[1:], command_line)
     parser = argparse.ArgumentParser(prog="fastcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the environment, the extension state and the backends per op")
     sub.add_parser("build", help="compile the C++/CUDA extension now instead of on first use")
+    sub.add_parser("bench", help="run benchmarks, compare with a baseline (fastcore bench -h)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())

@@ -1,0 +1,183 @@
+"""``fastcore bench``: run the registered benchmarks, compare results with a baseline, render them.
+
+    fastcore bench [OP ...] [--device cpu|cuda] [--quick] [--json PATH] [--markdown] [--plot DIR]
+    fastcore bench compare BASELINE.json|DIR CURRENT.json [--margin PCT] [--write PATH]
+    fastcore bench baseline RUN.json RUN.json [...] --out PATH
+    fastcore bench show RESULTS.json [--markdown] [--plot DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+SUBCOMMANDS = ("compare", "baseline", "show")
+
+
+def spin_openmp_workers(argv: list[str]) -> None:
+    """Re-run this command with OMP_WAIT_POLICY=ACTIVE unless it is already set.
+
+    Sleeping OpenMP workers take milliseconds to wake on small VMs, which swamps CPU timings of
+    every provider alike; the policy is read when torch loads OpenMP, so it needs a fresh process.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    sys.stdout.flush()
+    env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE")
+    os.execve(sys.executable, [sys.executable, "-m", "fastcore", "bench", *argv], env)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _render(data: dict, markdown: bool, plot_dir: Path | None) -> None:
+    from fastcore.bench import report
+
+    if markdown:
+        print(report.markdown(data))
+    if plot_dir is not None:
+        for path in report.plot(data, plot_dir):
+            print(f"wrote {path}")
+
+
+def run_main(argv: list[str], command_line: bool) -> int:
+    import torch
+
+    from fastcore.bench import harness, report
+
+    ops = sorted(harness.registered())
+    p = argparse.ArgumentParser(prog="fastcore bench", description="Run the registered benchmarks. "
+                                "Subcommands: " + ", ".join(SUBCOMMANDS) + " (see fastcore bench SUBCOMMAND -h).")
+    p.add_argument("ops", nargs="*", metavar="OP", help=f"ops to run (default: all of {', '.join(ops)})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="the small set CI gates on")
+    p.add_argument("--json", type=Path, help="results file (default: bench/results/<device-slug>/<ops>.json)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables at the end")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per op here")
+    p.add_argument("--repeats", type=int, default=25, help=f"CPU timing samples per case (>= {harness.MIN_REPEATS})")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = p.parse_args(argv)
+    unknown = [op for op in args.ops if op not in ops]
+    if unknown:
+        p.error(f"unknown op(s) {', '.join(unknown)}; registered: {', '.join(ops)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available")
+    if args.repeats < harness.MIN_REPEATS:
+        p.error(f"--repeats: expected at least {harness.MIN_REPEATS}, got {args.repeats}")
+    if args.device == "cpu" and command_line:
+        spin_openmp_workers(argv)
+
+    print(report.HEADER, flush=True)
+    result = harness.run(args.ops, device=args.device, quick=args.quick, repeats=args.repeats,
+                         no_compile=args.no_compile, on_row=lambda row: print(report.console_line(row), flush=True),
+                         on_pass=lambda p, n: print(f"pass {p}/{n} through the cases (rows print during the last)",
+                                                    file=sys.stderr, flush=True))
+    for line in report.skipped_lines(result.skipped) + report.speedup_summary(result.rows):
+        print(line)
+    data = result.to_json()
+    name = "-".join(args.ops) or "all"
+    path = args.json or Path("bench/results") / result.machine["slug"] / f"{name}{'-quick' if args.quick else ''}.json"
+    _write_json(data, path)
+    print(f"wrote {path}")
+    _render(data, args.markdown, args.plot)
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    from fastcore.bench import compare
+
+    p = argparse.ArgumentParser(prog="fastcore bench compare", description=compare.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline", type=Path, help="a baseline file, or a directory holding <device-slug>.json files")
+    p.add_argument("current", type=Path)
+    p.add_argument("--margin", type=float, metavar="PCT",
+                   help=f"noise margin for every case, overriding the baseline's (default: its own, else "
+                        f"{compare.DEFAULT_MARGIN_PCT:.0f})")
+    p.add_argument("--write", type=Path, metavar="PATH", help="also write the updated baseline here")
+    args = p.parse_args(argv)
+    try:
+        current = compare.load(args.current, "current")
+        path = compare.baseline_path(args.baseline, current)
+        if args.baseline.is_dir() and not path.exists():
+            print(f"fastcore bench compare: no baseline for machine class {current['machine']['slug']} in "
+                  f"{args.baseline}; nothing to gate. To start one, run the quick set a few times and use "
+                  f"`fastcore bench baseline RUN.json ... --out {path}`.")
+            return 0
+        baseline = compare.load(path, "baseline")
+        entries = compare.compare(baseline, current, args.margin)
+    except ValueError as exc:
+        p.error(str(exc))
+    if baseline["machine"].get("slug") != current["machine"].get("slug"):
+        print(f"warning: baseline machine {baseline['machine'].get('slug')} != current "
+              f"{current['machine'].get('slug')}; speedups may differ by machine, not by change")
+    print(f"baseline {path} (commit {baseline['machine'].get('commit')}) vs current {args.current} "
+          f"(commit {current['machine'].get('commit')})")
+    print(compare.table(entries))
+    bad = compare.failed(entries)
+    better = [e for e in entries if e.status == "improved"]
+    updated = compare.updated_baseline(baseline, current)
+    print(f"\n{len(bad)} regressed or missing, {len(better)} improved, "
+          f"{sum(e.status == 'new' for e in entries)} new, of {len(entries)} cases.")
+    print(f"updated baseline (commit it as {path} to accept these speedups):")
+    print(json.dumps(updated, indent=1))
+    if args.write:
+        _write_json(updated, args.write)
+        print(f"wrote {args.write}")
+    if bad:
+        print("PERFORMANCE GATE FAILED: " + "; ".join(f"{e.key[0]} {e.key[2]} {e.key[1]}: {e.status}" for e in bad))
+        return 1
+    return 0
+
+
+def baseline_main(argv: list[str]) -> int:
+    from fastcore.bench import compare
+
+    p = argparse.ArgumentParser(prog="fastcore bench baseline", description=compare.from_runs.__doc__)
+    p.add_argument("runs", type=Path, nargs="+", help="results files of the same tree on one machine class")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        data = compare.from_runs([compare.load(r, "runs") for r in args.runs])
+    except ValueError as exc:
+        p.error(str(exc))
+    _write_json(data, args.out)
+    for row in data["results"]:
+        print(f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['speedup']:>7.2f}x  "
+              f"spread {row['spread_pct']:>5.1f}%  margin {row['margin_pct']:.0f}%")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def show_main(argv: list[str]) -> int:
+    from fastcore.bench import compare, report
+
+    p = argparse.ArgumentParser(prog="fastcore bench show", description="Render a results file.")
+    p.add_argument("results", type=Path)
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--plot", type=Path, metavar="DIR")
+    args = p.parse_args(argv)
+    try:
+        data = compare.load(args.results, "results")
+    except ValueError as exc:
+        p.error(str(exc))
+    if not (args.markdown or args.plot):
+        print(report.HEADER)
+        for row in data["results"]:
+            print(report.console_line(row))
+    _render(data, args.markdown, args.plot)
+    return 0
+
+
+def main(argv: list[str], command_line: bool = False) -> int:
+    """``command_line`` is true for a real command line, which may re-exec itself (see spin_openmp_workers)."""
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
+    if argv and argv[0] == "baseline":
+        return baseline_main(argv[1:])
+    if argv and argv[0] == "show":
+        return show_main(argv[1:])
+    return run_main(argv, command_line)

@@ -1,0 +1,143 @@
+"""The performance-regression gate: compare fastcore's speedups over PyTorch eager with a baseline.
+
+Absolute times on shared machines drift; the ratio of two providers timed round-robin in the
+same run drifts much less. A case regresses when its speedup falls below the baseline's by more
+than its noise margin: ``current < baseline * (1 - margin)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+# For cases whose baseline row carries no margin_pct: twice the largest run-to-run spread of any
+# quick-set speedup (28%, rms_norm fp32 bwd, six runs on the 2-core CI VM, 2026-11-22).
+DEFAULT_MARGIN_PCT = 55.0
+# `fastcore bench baseline` sets each case's margin to SPREAD_FACTOR times its largest
+# deviation from the median over several runs, and never below MIN_MARGIN_PCT.
+SPREAD_FACTOR = 2.0
+MIN_MARGIN_PCT = 10.0
+
+
+def load(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what}: no such file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: {path} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) or "machine" not in data:
+        raise ValueError(f"{what}: {path} is not a fastcore bench results file "
+                         "(expected {{\"machine\": ..., \"results\": [...]}})")
+    for i, row in enumerate(data["results"]):
+        missing = {"op", "provider", "case"} - set(row)
+        if missing:
+            raise ValueError(f"{what}: {path}: results[{i}] lacks {sorted(missing)}")
+    return data
+
+
+def baseline_path(path: Path, current: dict) -> Path:
+    """A baseline file, or the file for the current run's machine class in a directory of them."""
+    path = Path(path)
+    return path / f"{current['machine']['slug']}.json" if path.is_dir() else path
+
+
+def key(row: dict) -> tuple:
+    return row["op"], row["provider"], row["case"]
+
+
+def gated(data: dict) -> dict:
+    return {key(r): r for r in data["results"] if "speedup" in r}
+
+
+@dataclass
+class Entry:
+    key: tuple
+    baseline: float | None
+    current: float | None
+    margin_pct: float
+    status: str  # ok | regressed | improved | missing | new
+
+    @property
+    def change_pct(self) -> float | None:
+        if self.baseline is None or self.current is None:
+            return None
+        return (self.current / self.baseline - 1) * 100
+
+
+def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> list[Entry]:
+    """Every gated case of either file. ``margin_pct`` overrides the margins written in the baseline."""
+    if margin_pct is not None and not (0 <= margin_pct < 100):
+        raise ValueError(f"margin: expected a percentage in [0, 100), got {margin_pct}")
+    base, cur = gated(baseline), gated(current)
+    if not base:
+        raise ValueError("baseline: it has no rows with a speedup, so there is nothing to gate on")
+    entries = []
+    for k, row in base.items():
+        margin = margin_pct if margin_pct is not None else row.get("margin_pct", DEFAULT_MARGIN_PCT)
+        now = cur.get(k, {}).get("speedup")
+        if now is None:
+            status = "missing"
+        elif now < row["speedup"] * (1 - margin / 100):
+            status = "regressed"
+        elif now > row["speedup"] * (1 + margin / 100):
+            status = "improved"
+        else:
+            status = "ok"
+        entries.append(Entry(k, row["speedup"], now, margin, status))
+    for k, row in cur.items():
+        if k not in base:
+            entries.append(Entry(k, None, row["speedup"], margin_pct or DEFAULT_MARGIN_PCT, "new"))
+    return entries
+
+
+def failed(entries: list[Entry]) -> list[Entry]:
+    return [e for e in entries if e.status in ("regressed", "missing")]
+
+
+def table(entries: list[Entry]) -> str:
+    lines = [f"{'op':<11}{'case':<28}{'provider':<16}{'baseline':>9}{'current':>9}{'change':>9}{'margin':>8}  status"]
+    for e in entries:
+        fmt = lambda s: "-" if s is None else f"{s:.2f}x"  # noqa: E731
+        change = "-" if e.change_pct is None else f"{e.change_pct:+.1f}%"
+        lines.append(f"{e.key[0]:<11}{e.key[2]:<28}{e.key[1]:<16}{fmt(e.baseline):>9}{fmt(e.current):>9}"
+                     f"{change:>9}{e.margin_pct:>7.0f}%  {e.status.upper() if e.status != 'ok' else 'ok'}")
+    return "\n".join(lines)
+
+
+def _slim(row: dict, margin_pct: float) -> dict:
+    keep = ("op", "provider", "case", "mode", "speedup")
+    return {**{k: row[k] for k in keep if k in row}, "margin_pct": margin_pct}
+
+
+def updated_baseline(baseline: dict, current: dict) -> dict:
+    """The current run's speedups with the baseline's margins: the file to commit to accept them."""
+    base = gated(baseline)
+    rows = [_slim(r, base.get(k, {}).get("margin_pct", DEFAULT_MARGIN_PCT)) for k, r in gated(current).items()]
+    return {"machine": current["machine"], "results": rows}
+
+
+def from_runs(runs: list[dict]) -> dict:
+    """A baseline from several runs of an unchanged tree: median speedups, margins from their spread."""
+    if len(runs) < 2:
+        raise ValueError("runs: need at least two results files to measure the run-to-run spread")
+    slugs = {r["machine"].get("slug") for r in runs}
+    if len(slugs) != 1:
+        raise ValueError(f"runs: they come from different machine classes {sorted(map(str, slugs))}")
+    per_run = [gated(r) for r in runs]
+    common = set.intersection(*(set(g) for g in per_run))
+    if not common:
+        raise ValueError("runs: no case with a speedup appears in every run")
+    rows = []
+    for row in runs[-1]["results"]:
+        k = key(row)
+        if k not in common:
+            continue
+        speedups = [g[k]["speedup"] for g in per_run]
+        med = statistics.median(speedups)
+        spread = max(abs(s / med - 1) for s in speedups) * 100
+        margin = max(MIN_MARGIN_PCT, 5 * math.ceil(SPREAD_FACTOR * spread / 5))
+        rows.append({**_slim(row, margin), "speedup": med, "spread_pct": round(spread, 1), "runs": len(runs)})
+    return {"machine": runs[-1]["machine"], "results": rows}

@@ -1,0 +1,344 @@
+"""The benchmark harness, its results file, its renderers and the performance-regression gate."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcore.bench import cli, compare, harness, report
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = "toy_scale"
+NUMEL = 1 << 16
+RESULT_KEYS = {"op", "provider", "case", "mode", "shape", "dtype", "size", "median_ms", "iqr_ms", "repeats",
+               "gbps", "floor_frac", "peak_mem_bytes"}
+
+
+def _sleeper(ms):
+    def fn(x):
+        time.sleep(ms / 1000)
+        return x * 2
+    return fn
+
+
+def _cannot_set_up(x):
+    return x
+
+
+def _toy_providers(device):
+    return {
+        "fastcore-slow": _sleeper(4),   # a known speedup over "torch": about 2/4
+        "torch": _sleeper(2),
+        "fastcore-fast": lambda x: torch.mul(x, 2),
+        "fastcore-broken": _cannot_set_up,
+        "liger": "liger-kernel is not installed",
+    }
+
+
+def _toy_setup(fn, case, device):
+    if fn is _cannot_set_up:
+        raise RuntimeError("this provider cannot build its inputs")
+    x = torch.randn(case.shape, dtype=case.dtype)
+    return lambda: fn(x)
+
+
+def _toy_cases(device, quick):
+    sizes = (NUMEL,) if quick else (NUMEL, 2 * NUMEL)
+    return [harness.Case((n,), torch.float32, "fwd", size=n) for n in sizes]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A registered benchmark, y = 2x, with a known byte count and known relative speeds."""
+    bench = harness.register(harness.Benchmark(op=TOY, providers=_toy_providers, cases=_toy_cases, setup=_toy_setup,
+                                               work=lambda case: ("bytes", 2 * case.shape[0] * 4),
+                                               size_name="elements"))
+    yield bench
+    harness.unregister(TOY)
+
+
+@pytest.fixture(scope="module")
+def toy_run(toy):
+    return harness.run([TOY], device="cpu", quick=False, repeats=harness.MIN_REPEATS).to_json()
+
+
+def _rows(data, provider):
+    return [r for r in data["results"] if r["provider"] == provider]
+
+
+# ---------------------------------------------------------------- harness and results file
+def test_results_schema_and_derived_figures(toy_run):
+    m = toy_run["machine"]
+    for k in ("device", "slug", "cpu", "threads", "torch", "triton", "cuda", "commit", "date", "copy_gbps"):
+        assert k in m, f"machine lacks {k}"
+    assert m["slug"].startswith("cpu-") and m["slug"].endswith(f"-{torch.get_num_threads()}core")
+    assert m["copy_gbps"] > 0
+    assert {r["provider"] for r in toy_run["results"]} == {"fastcore-slow", "torch", "fastcore-fast"}
+    for row in toy_run["results"]:
+        assert RESULT_KEYS <= set(row), f"row lacks {RESULT_KEYS - set(row)}"
+        assert row["case"] == f"{row['shape'][0]} float32 fwd" and row["mode"] == "fwd"
+        assert row["median_ms"] > 0 and row["iqr_ms"] >= 0 and row["repeats"] == harness.MIN_REPEATS
+        assert row["gbps"] == pytest.approx(2 * row["shape"][0] * 4 / (row["median_ms"] * 1e-3) / 1e9)
+        assert row["floor_frac"] == pytest.approx(row["gbps"] / m["copy_gbps"])
+        # y = 2x allocates one output of numel float32s, plus a few bytes for the wrapped scalar 2.
+        assert row["shape"][0] * 4 <= row["peak_mem_bytes"] <= row["shape"][0] * 4 + 64
+        assert ("speedup" in row) == row["provider"].startswith("fastcore-")
+    eager = {r["case"]: r["median_ms"] for r in _rows(toy_run, "torch")}
+    for row in _rows(toy_run, "fastcore-slow") + _rows(toy_run, "fastcore-fast"):
+        assert row["speedup"] == pytest.approx(eager[row["case"]] / row["median_ms"])
+    # 2 ms against 4 ms of sleep, plus the same small overheads on both.
+    for row in _rows(toy_run, "fastcore-slow"):
+        assert 0.4 < row["speedup"] < 0.65, row
+        assert 3.9 < row["median_ms"] < 6
+    for row in _rows(toy_run, "fastcore-fast"):
+        assert row["speedup"] > 5
+
+
+def test_skipped_providers_name_their_reason(toy_run):
+    reasons = {(s["provider"], s.get("case")): s["reason"] for s in toy_run["skipped"]}
+    assert reasons[("liger", None)] == "liger-kernel is not installed"
+    failed = [r for (p, c), r in reasons.items() if p == "fastcore-broken"]
+    assert len(failed) == 2 and all("cannot build its inputs" in r for r in failed)
+
+
+def test_quick_is_a_subset_and_size_names_travel(toy):
+    data = harness.run([TOY], device="cpu", quick=True).to_json()
+    assert {r["size"] for r in data["results"]} == {NUMEL}
+    assert data["size_names"] == {TOY: "elements"}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ops=["no_such_op"]), "ops: unknown benchmark"),
+    (dict(device="tpu"), "device: expected 'cpu' or 'cuda'"),
+    (dict(repeats=5), "repeats: expected at least 15"),
+])
+def test_run_rejects_bad_arguments(toy, kwargs, match):
+    kwargs = {"ops": [TOY], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        harness.run(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_run_refuses_cuda_without_a_gpu(toy):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        harness.run([TOY], device="cuda")
+
+
+def test_peak_memory_counts_transients():
+    def step():
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 B, freed at return
+        b = torch.empty(500, dtype=torch.float64)   # 4000 B, both live at once
+        return (a.numel() + b.numel())
+    assert harness.peak_memory(step, "cpu") == 8000
+
+
+def test_device_slug():
+    assert harness.device_slug("cpu", "AMD EPYC", 2) == "cpu-amd-epyc-2core"
+    assert harness.device_slug("cpu", "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", 8) == \
+        "cpu-intel-xeon-platinum-8480-8core"
+    assert harness.device_slug("cpu", "AMD EPYC 9654 96-Core Processor", 4) == "cpu-amd-epyc-9654-4core"
+    assert harness.device_slug("cuda", "NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_norm_min_bytes_by_hand():
+    from fastcore.bench import bench_norm
+
+    case = harness.Case((4096, 1024), torch.float32, "fwd", 1024)
+    assert bench_norm.min_bytes("layer_norm", case) == 2 * 4096 * 1024 * 4 + 2 * 1024 * 4
+    bwd = harness.Case((4096, 1024), torch.bfloat16, "bwd", 1024)
+    assert bench_norm.min_bytes("rms_norm", bwd) == 3 * 4096 * 1024 * 2 + 2 * 1024 * 2
+    both = harness.Case((8, 16), torch.float32, "fwd+bwd", 16)
+    assert bench_norm.min_bytes("layer_norm", both) == (2 * 8 * 16 + 2 * 16 + 3 * 8 * 16 + 4 * 16) * 4
+
+
+# ---------------------------------------------------------------- renderers
+def test_markdown_table(toy_run):
+    md = report.markdown(toy_run)
+    header = next(line for line in md.splitlines() if line.startswith("| case"))
+    assert header.split(" | ")[1:4] == ["fastcore-slow ms", "torch ms", "fastcore-fast ms"]
+    assert "fastcore-slow vs torch" in header
+    slow = _rows(toy_run, "fastcore-slow")[0]
+    line = next(line for line in md.splitlines() if line.startswith(f"| {slow['case']} |"))
+    assert f"{slow['speedup']:.2f}×" in line and f"{slow['median_ms']:.3f}" in line
+
+
+def test_plot_writes_one_png_per_op(toy_run, tmp_path):
+    paths = report.plot(toy_run, tmp_path)
+    assert paths == [tmp_path / f"{TOY}.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 5000
+
+
+# ---------------------------------------------------------------- the gate
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _gate(capsys, *args):
+    code = cli.main(["compare", *map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def _scaled(data, factor, **extra):
+    data = copy.deepcopy(data)
+    for row in data["results"]:
+        if "speedup" in row:
+            row["speedup"] *= factor
+            row.update(extra)
+    return data
+
+
+def test_gate_passes_a_file_against_itself(toy_run, tmp_path, capsys):
+    path = _write(tmp_path, "run.json", toy_run)
+    code, out = _gate(capsys, path, path)
+    assert code == 0, out
+    assert "0 regressed or missing, 0 improved" in out
+
+
+def test_gate_fails_when_the_baseline_was_faster(toy_run, tmp_path, capsys):
+    # Three times better than now: past the default margin (a third of the speedup is left).
+    base = _write(tmp_path, "base.json", _scaled(toy_run, 3.0))
+    cur = _write(tmp_path, "cur.json", toy_run)
+    code, out = _gate(capsys, base, cur)
+    assert code == 1
+    assert out.count("REGRESSED") == 4 and "PERFORMANCE GATE FAILED" in out
+
+
+def test_gate_fails_when_a_case_is_missing(toy_run, tmp_path, capsys):
+    current = copy.deepcopy(toy_run)
+    gone = next(i for i, r in enumerate(current["results"]) if r["provider"] == "fastcore-fast")
+    missing = current["results"].pop(gone)
+    code, out = _gate(capsys, _write(tmp_path, "base.json", toy_run), _write(tmp_path, "cur.json", current))
+    assert code == 1
+    assert "MISSING" in out and f"{missing['case']} fastcore-fast: missing" in out
+
+
+def test_gate_reports_improvements_and_new_cases(toy_run, tmp_path, capsys):
+    base = _scaled(toy_run, 0.5)
+    base["results"] = [r for r in base["results"] if r["size"] == NUMEL]
+    code, out = _gate(capsys, _write(tmp_path, "base.json", base), _write(tmp_path, "cur.json", toy_run))
+    assert code == 0, out
+    assert out.count("IMPROVED") == 2 and out.count("NEW") == 2
+
+
+def test_gate_margins(toy_run, tmp_path, capsys):
+    cur = _write(tmp_path, "cur.json", toy_run)
+    # 15% better in the baseline: inside the default margin, outside a 10% one.
+    assert _gate(capsys, _write(tmp_path, "b1.json", _scaled(toy_run, 1.15)), cur)[0] == 0
+    assert _gate(capsys, _write(tmp_path, "b1.json", _scaled(toy_run, 1.15)), cur, "--margin", "10")[0] == 1
+    # A margin written in the baseline is used...
+    assert _gate(capsys, _write(tmp_path, "b2.json", _scaled(toy_run, 1.15, margin_pct=5)), cur)[0] == 1
+    # ...unless --margin overrides it.
+    assert _gate(capsys, _write(tmp_path, "b2.json", _scaled(toy_run, 1.15, margin_pct=5)), cur, "--margin", "20")[0] == 0
+
+
+def test_gate_prints_and_writes_the_updated_baseline(toy_run, tmp_path, capsys):
+    base = _write(tmp_path, "base.json", _scaled(toy_run, 0.5, margin_pct=12))
+    cur = _write(tmp_path, "cur.json", toy_run)
+    code, out = _gate(capsys, base, cur, "--write", tmp_path / "new.json")
+    assert code == 0
+    printed = json.loads(out[out.index("{", out.index("updated baseline")):out.rindex("}") + 1])
+    written = json.loads((tmp_path / "new.json").read_text())
+    assert printed == written
+    assert {r["margin_pct"] for r in written["results"]} == {12}
+    assert sorted(r["speedup"] for r in written["results"]) == sorted(r["speedup"] for r in toy_run["results"]
+                                                                       if "speedup" in r)
+    assert _gate(capsys, tmp_path / "new.json", cur)[0] == 0
+
+
+def test_gate_picks_the_machine_class_from_a_directory(toy_run, tmp_path, capsys):
+    cur = _write(tmp_path, "cur.json", toy_run)
+    (tmp_path / "baselines").mkdir()
+    code, out = _gate(capsys, tmp_path / "baselines", cur)
+    assert code == 0 and "no baseline for machine class" in out and "nothing to gate" in out
+    _write(tmp_path / "baselines", f"{toy_run['machine']['slug']}.json", _scaled(toy_run, 3.0))
+    code, out = _gate(capsys, tmp_path / "baselines", cur)
+    assert code == 1 and "REGRESSED" in out
+
+
+def test_committed_baselines_load_and_pass_against_themselves(capsys):
+    paths = sorted((ROOT / "bench" / "baselines").glob("*.json"))
+    assert paths, "no committed baseline"
+    for path in paths:
+        data = compare.load(path, "baseline")
+        assert path.stem == data["machine"]["slug"]
+        assert all("margin_pct" in r and r["speedup"] > 0 for r in data["results"])
+        code, out = _gate(capsys, path, path)
+        assert code == 0, out
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "no such file"),
+    ("not json", "is not JSON"),
+    ('{"results": []}', "not a fastcore bench results file"),
+    ('{"machine": {}, "results": [{"op": "x"}]}', r"results\[0\] lacks \['case', 'provider'\]"),
+    ('{"machine": {"slug": "x"}, "results": [{"op": "x", "provider": "torch", "case": "c"}]}', "nothing to gate on"),
+])
+def test_gate_rejects_bad_files(toy_run, tmp_path, capsys, content, match):
+    base = tmp_path / "base.json"
+    if content is not None:
+        base.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["compare", str(base), str(_write(tmp_path, "cur.json", toy_run))])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_gate_rejects_a_bad_margin(toy_run, tmp_path, capsys):
+    path = _write(tmp_path, "run.json", toy_run)
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(path), str(path), "--margin", "150"])
+    assert "margin: expected a percentage in [0, 100)" in capsys.readouterr().err
+
+
+def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, capsys):
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.02, 1.5))]
+    assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
+    base = json.loads((tmp_path / "base.json").read_text())
+    original = {compare.key(r): r["speedup"] for r in toy_run["results"] if "speedup" in r}
+    for row in base["results"]:
+        s = original[compare.key(row)]
+        assert row["speedup"] == pytest.approx(1.02 * s)      # the median run
+        assert row["spread_pct"] == pytest.approx(47.1, abs=0.1)  # 1.5 / 1.02 - 1
+        assert row["margin_pct"] == 95                         # 2 x 47.1, rounded up to 5
+    with pytest.raises(SystemExit):
+        cli.main(["baseline", str(runs[0]), "--out", str(tmp_path / "x.json")])
+    assert "at least two results files" in capsys.readouterr().err
+
+
+def test_baseline_margin_has_a_floor():
+    rows = [{"op": "o", "provider": "fastcore-x", "case": "c", "speedup": s} for s in (1.0, 1.01)]
+    base = compare.from_runs([{"machine": {"slug": "m"}, "results": [r]} for r in rows])
+    assert base["results"][0]["margin_pct"] == compare.MIN_MARGIN_PCT
+
+
+# ---------------------------------------------------------------- the command line
+def _fastcore(*args, timeout=300):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.run([sys.executable, "-m", "fastcore", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["no_such_op"], "unknown op(s) no_such_op; registered: layer_norm, rms_norm"),
+    (["--repeats", "3"], "--repeats: expected at least 15, got 3"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]))
+def test_cli_rejects_bad_arguments(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_show_renders_a_results_file(toy_run, tmp_path):
+    path = _write(tmp_path, "run.json", toy_run)
+    out = _fastcore("bench", "show", str(path), "--markdown", "--plot", str(tmp_path / "plots"))
+    assert out.returncode == 0, out.stderr
+    assert "| case |" in out.stdout and (tmp_path / "plots" / f"{TOY}.png").exists()
