@@ -25,7 +25,7 @@ DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
 }
 
 # `auto` takes the first available backend in this order, per device type.
-# CPU: the C++ kernels beat PyTorch's CPU norms (bench/bench_norm.py); the
+# CPU: the C++ kernels beat PyTorch's CPU norms (`fastcore bench`, README); the
 # float64 reference is the fallback when no compiler is present.
 # CUDA: order to be confirmed by GPU measurements (bench/results/); Triton first.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
