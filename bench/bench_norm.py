@@ -69,6 +69,8 @@ def _apex(op, device):
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
     except ImportError:
         return "apex is not installed"
+    except Exception as exc:  # a build for another torch/CUDA fails in other ways
+        return f"apex does not import: {type(exc).__name__}: {exc}"
     if op == "layer_norm":
         return lambda x, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), EPS)
     return lambda x, w, b: fused_rms_norm_affine(x, w, (x.shape[-1],), EPS)
@@ -84,9 +86,12 @@ def _liger(op, device):
             return lambda x, w, b: Fn.apply(x, w, b, EPS)
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction as Fn
 
-        return lambda x, w, b: Fn.apply(x, w, EPS)
+        # offset 0, casting mode "llama", and not in place: in place would overwrite the shared dy.
+        return lambda x, w, b: Fn.apply(x, w, EPS, 0.0, "llama", False)
     except ImportError:
         return "liger-kernel is not installed"
+    except Exception as exc:
+        return f"liger-kernel does not import: {type(exc).__name__}: {exc}"
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -97,9 +102,9 @@ def cases(device: str, quick: bool) -> list[Case]:
 def min_bytes(op: str, case: Case) -> int:
     rows, hidden = case.shape
     e = case.dtype.itemsize
-    params = (2 if op == "layer_norm" else 1) * hidden * e
-    fwd = 2 * rows * hidden * e + params      # read x, write y, read w (and b)
-    bwd = 3 * rows * hidden * e + 2 * params  # read x and dy, write dx; read w, write dw (and db)
+    affine = 2 if op == "layer_norm" else 1
+    fwd = (2 * rows + affine) * hidden * e        # read x, write y; read w (and b)
+    bwd = (3 * rows + 1 + affine) * hidden * e    # read x and dy, write dx; read w, write dw (and db)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 SUBCOMMANDS = ("compare", "baseline", "show")
 
 
-def spin_openmp_workers(argv: list[str]) -> None:
+def spin_openmp_workers() -> None:
     """Re-run this command with OMP_WAIT_POLICY=ACTIVE unless it is already set.
 
     Sleeping OpenMP workers take milliseconds to wake on small VMs, which swamps CPU timings of
@@ -25,8 +25,9 @@ def spin_openmp_workers(argv: list[str]) -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         return
     sys.stdout.flush()
-    env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE")
-    os.execve(sys.executable, [sys.executable, "-m", "fastcore", "bench", *argv], env)
+    # The exact invocation again (console script or -m, with its interpreter flags), so that the
+    # same fastcore runs; `-m` from another directory could pick up a different one.
+    os.execve(sys.executable, sys.orig_argv, dict(os.environ, OMP_WAIT_POLICY="ACTIVE"))
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -61,21 +62,17 @@ def run_main(argv: list[str], command_line: bool) -> int:
     p.add_argument("--repeats", type=int, default=25, help=f"CPU timing samples per case (>= {harness.MIN_REPEATS})")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     args = p.parse_args(argv)
-    unknown = [op for op in args.ops if op not in ops]
-    if unknown:
-        p.error(f"unknown op(s) {', '.join(unknown)}; registered: {', '.join(ops)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is available")
-    if args.repeats < harness.MIN_REPEATS:
-        p.error(f"--repeats: expected at least {harness.MIN_REPEATS}, got {args.repeats}")
+    try:
+        harness.check_args(args.ops, args.device, args.repeats)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.device == "cpu" and command_line:
-        spin_openmp_workers(argv)
+        spin_openmp_workers()
 
     print(report.HEADER, flush=True)
     result = harness.run(args.ops, device=args.device, quick=args.quick, repeats=args.repeats,
                          no_compile=args.no_compile, on_row=lambda row: print(report.console_line(row), flush=True),
-                         on_pass=lambda p, n: print(f"pass {p}/{n} through the cases (rows print during the last)",
-                                                    file=sys.stderr, flush=True))
+                         on_progress=lambda line: print(line, file=sys.stderr, flush=True))
     for line in report.skipped_lines(result.skipped) + report.speedup_summary(result.rows):
         print(line)
     data = result.to_json()
@@ -101,7 +98,9 @@ def compare_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         current = compare.load(args.current, "current")
-        path = compare.baseline_path(args.baseline, current)
+        path, note = compare.baseline_path(args.baseline, current)
+        if note:
+            print(f"note: {note}")
         if args.baseline.is_dir() and not path.exists():
             print(f"fastcore bench compare: no baseline for machine class {current['machine']['slug']} in "
                   f"{args.baseline}; nothing to gate. To start one, run the quick set a few times and use "
@@ -122,7 +121,8 @@ def compare_main(argv: list[str]) -> int:
     updated = compare.updated_baseline(baseline, current)
     print(f"\n{len(bad)} regressed or missing, {len(better)} improved, "
           f"{sum(e.status == 'new' for e in entries)} new, of {len(entries)} cases.")
-    print(f"updated baseline (commit it as {path} to accept these speedups):")
+    print(f"updated baseline: this run's speedups with the baseline's margins. Committing it as {path} "
+          "accepts them; a baseline from several runs (`fastcore bench baseline`) is steadier:")
     print(json.dumps(updated, indent=1))
     if args.write:
         _write_json(updated, args.write)
@@ -141,9 +141,11 @@ def baseline_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     try:
-        data = compare.from_runs([compare.load(r, "runs") for r in args.runs])
+        data, noisy = compare.from_runs([compare.load(r, "runs") for r in args.runs])
     except ValueError as exc:
         p.error(str(exc))
+    for line in noisy:
+        print(f"left out, too noisy to gate on (margin would pass {compare.MAX_MARGIN_PCT:.0f}%): {line}")
     _write_json(data, args.out)
     for row in data["results"]:
         print(f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['speedup']:>7.2f}x  "
@@ -164,6 +166,8 @@ def show_main(argv: list[str]) -> int:
         data = compare.load(args.results, "results")
     except ValueError as exc:
         p.error(str(exc))
+    if any("median_ms" not in row for row in data["results"]):
+        p.error(f"results: {args.results} holds no timings (a baseline?); nothing to render")
     if not (args.markdown or args.plot):
         print(report.HEADER)
         for row in data["results"]:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from fastcore.bench.harness import RESULTS_FORMAT
 
 # For cases whose baseline row carries no margin_pct: twice the largest run-to-run spread of any
 # quick-set speedup (28%, rms_norm fp32 bwd, six runs on the 2-core CI VM, 2026-11-22).
@@ -19,9 +22,22 @@ DEFAULT_MARGIN_PCT = 55.0
 # deviation from the median over several runs, and never below MIN_MARGIN_PCT.
 SPREAD_FACTOR = 2.0
 MIN_MARGIN_PCT = 10.0
+# A case whose margin would exceed this is too noisy to gate on; `baseline` leaves it out.
+MAX_MARGIN_PCT = 90.0
+
+
+def key(row: dict) -> tuple:
+    """A case's identity; its label holds the shape, the dtype and the mode."""
+    return row["op"], row["provider"], row["case"]
+
+
+def gated(data: dict) -> dict:
+    """The rows the gate checks: fastcore's, which carry a speedup."""
+    return {key(r): r for r in data["results"] if "speedup" in r}
 
 
 def load(path: Path, what: str) -> dict:
+    """A results or baseline file, checked; ValueError naming ``what`` and the problem otherwise."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -30,26 +46,44 @@ def load(path: Path, what: str) -> dict:
         raise ValueError(f"{what}: {path} is not JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list) or "machine" not in data:
         raise ValueError(f"{what}: {path} is not a fastcore bench results file "
-                         "(expected {{\"machine\": ..., \"results\": [...]}})")
+                         "(expected {\"machine\": ..., \"results\": [...]})")
+    if data.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{what}: {path} has format {data.get('format')!r}; this fastcore reads format "
+                         f"{RESULTS_FORMAT} (run the benchmark again)")
+    if not isinstance(data["machine"], dict) or "slug" not in data["machine"]:
+        raise ValueError(f"{what}: {path}: machine lacks its slug")
+    seen = set()
     for i, row in enumerate(data["results"]):
-        missing = {"op", "provider", "case"} - set(row)
+        missing = {"op", "provider", "case", "mode"} - set(row)
         if missing:
             raise ValueError(f"{what}: {path}: results[{i}] lacks {sorted(missing)}")
+        if key(row) in seen:
+            raise ValueError(f"{what}: {path}: results[{i}] repeats the case {key(row)}")
+        seen.add(key(row))
+        if "speedup" in row and not (isinstance(row["speedup"], (int, float)) and row["speedup"] > 0):
+            raise ValueError(f"{what}: {path}: results[{i}] has speedup {row['speedup']!r}; expected a positive number")
+        if "margin_pct" in row and not (isinstance(row["margin_pct"], (int, float)) and 0 <= row["margin_pct"] < 100):
+            raise ValueError(f"{what}: {path}: results[{i}] has margin_pct {row['margin_pct']!r}; "
+                             "expected a percentage in [0, 100)")
     return data
 
 
-def baseline_path(path: Path, current: dict) -> Path:
-    """A baseline file, or the file for the current run's machine class in a directory of them."""
+def baseline_path(path: Path, current: dict) -> tuple[Path, str | None]:
+    """A baseline file, or the one for the current run's machine class in a directory of them,
+    with a note when it had to settle for the nearest class (a CPU of another model string with
+    the same thread count)."""
     path = Path(path)
-    return path / f"{current['machine']['slug']}.json" if path.is_dir() else path
-
-
-def key(row: dict) -> tuple:
-    return row["op"], row["provider"], row["case"]
-
-
-def gated(data: dict) -> dict:
-    return {key(r): r for r in data["results"] if "speedup" in r}
+    if not path.is_dir():
+        return path, None
+    slug = current["machine"]["slug"]
+    exact = path / f"{slug}.json"
+    threads = re.fullmatch(r"cpu-.*-(\d+core)", slug)
+    if exact.exists() or not threads:
+        return exact, None
+    near = sorted(path.glob(f"cpu-*-{threads.group(1)}.json"))
+    if len(near) != 1:
+        return exact, None
+    return near[0], f"no baseline for {slug}; using the nearest machine class, {near[0].stem}"
 
 
 @dataclass
@@ -89,7 +123,7 @@ def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> l
         entries.append(Entry(k, row["speedup"], now, margin, status))
     for k, row in cur.items():
         if k not in base:
-            entries.append(Entry(k, None, row["speedup"], margin_pct or DEFAULT_MARGIN_PCT, "new"))
+            entries.append(Entry(k, None, row["speedup"], DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct, "new"))
     return entries
 
 
@@ -116,11 +150,12 @@ def updated_baseline(baseline: dict, current: dict) -> dict:
     """The current run's speedups with the baseline's margins: the file to commit to accept them."""
     base = gated(baseline)
     rows = [_slim(r, base.get(k, {}).get("margin_pct", DEFAULT_MARGIN_PCT)) for k, r in gated(current).items()]
-    return {"machine": current["machine"], "results": rows}
+    return {"format": RESULTS_FORMAT, "machine": current["machine"], "results": rows}
 
 
-def from_runs(runs: list[dict]) -> dict:
-    """A baseline from several runs of an unchanged tree: median speedups, margins from their spread."""
+def from_runs(runs: list[dict]) -> tuple[dict, list[str]]:
+    """A baseline from several runs of an unchanged tree: median speedups, margins from their spread.
+    Also returns the cases left out as too noisy to gate on."""
     if len(runs) < 2:
         raise ValueError("runs: need at least two results files to measure the run-to-run spread")
     slugs = {r["machine"].get("slug") for r in runs}
@@ -130,7 +165,7 @@ def from_runs(runs: list[dict]) -> dict:
     common = set.intersection(*(set(g) for g in per_run))
     if not common:
         raise ValueError("runs: no case with a speedup appears in every run")
-    rows = []
+    rows, noisy = [], []
     for row in runs[-1]["results"]:
         k = key(row)
         if k not in common:
@@ -139,5 +174,8 @@ def from_runs(runs: list[dict]) -> dict:
         med = statistics.median(speedups)
         spread = max(abs(s / med - 1) for s in speedups) * 100
         margin = max(MIN_MARGIN_PCT, 5 * math.ceil(SPREAD_FACTOR * spread / 5))
+        if margin > MAX_MARGIN_PCT:
+            noisy.append(f"{' '.join(k)}: spread {spread:.0f}%")
+            continue
         rows.append({**_slim(row, margin), "speedup": med, "spread_pct": round(spread, 1), "runs": len(runs)})
-    return {"machine": runs[-1]["machine"], "results": rows}
+    return {"format": RESULTS_FORMAT, "machine": runs[-1]["machine"], "results": rows}, noisy

@@ -29,6 +29,7 @@ CPU_PASSES = 5
 # Each module registers its benchmarks on import; later ops append theirs here.
 BENCH_MODULES = ("fastcore.bench.bench_norm",)
 EAGER = "torch"  # the provider every fastcore speedup is measured against
+RESULTS_FORMAT = 1  # bump when the results file changes shape
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,13 @@ def registered() -> dict[str, Benchmark]:
     for module in BENCH_MODULES:
         importlib.import_module(module)
     return dict(_REGISTRY)
+
+
+def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int, causal: bool, mode: str) -> float:
+    """FlashAttention's count: 4*B*H*Tq*Tk*D for the forward (two matmuls), halved when causal;
+    the backward does 2.5 times the forward's work."""
+    fwd = 4 * batch * heads * q_len * k_len * head_dim / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 
 
 # ---------------------------------------------------------------- timing
@@ -228,8 +236,10 @@ def keep_freed_memory_in_the_heap() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)        # M_MMAP_THRESHOLD
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
+        # glibc caps the mmap threshold at 32 MiB on 64-bit unless it accepts more; mallopt says which.
+        if not libc.mallopt(-3, 1 << 30):  # M_MMAP_THRESHOLD
+            libc.mallopt(-3, 32 << 20)
+        libc.mallopt(-1, (1 << 31) - 1)    # M_TRIM_THRESHOLD
 
 
 # ---------------------------------------------------------------- running
@@ -244,7 +254,7 @@ class Run:
     size_names: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"machine": self.machine, "results": self.rows, "skipped": self.skipped,
+        return {"format": RESULTS_FORMAT, "machine": self.machine, "results": self.rows, "skipped": self.skipped,
                 "size_names": self.size_names}
 
 
@@ -269,7 +279,8 @@ def _setup(bench: Benchmark, case: Case, fns: dict, device: str, run: Run) -> di
     return steps
 
 
-def _providers(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dict:
+def _runnable(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dict:
+    """The providers that can run; the others are recorded as skipped, with their reason."""
     fns = {}
     for name, fn in bench.providers(device).items():
         if no_compile and name == "torch.compile":
@@ -281,56 +292,78 @@ def _providers(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dic
     return fns
 
 
-def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = False, repeats: int = 25,
-        no_compile: bool = False, on_row: Callable[[dict], None] | None = None,
-        on_pass: Callable[[int, int], None] | None = None) -> Run:
-    """Measure the registered benchmarks of ``ops`` (all when None) on ``device``.
-
-    On CPU the repeats of every case are spread over CPU_PASSES passes through all the cases, so
-    that each median samples the whole run rather than one second of a machine whose speed drifts.
-    """
+def check_args(ops: list[str] | None, device: str, repeats: int) -> list[str]:
+    """The ops to run; ValueError naming the argument when one is wrong."""
     benches = registered()
     ops = list(ops or benches)
     unknown = [op for op in ops if op not in benches]
     if unknown:
-        raise ValueError(f"ops: unknown benchmark(s) {unknown}; registered: {sorted(benches)}")
+        raise ValueError(f"ops: unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(sorted(benches))}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for, but no CUDA GPU is available")
     if device == "cpu" and repeats < MIN_REPEATS:
         raise ValueError(f"repeats: expected at least {MIN_REPEATS} on CPU (medians of fewer are noise), got {repeats}")
+    return ops
+
+
+def _compile_config():
+    """Every case gets its own compiled graph: past dynamo's default of 8 recompiles per function it
+    would quietly run eager and the `torch.compile` rows would measure eager. Should a limit still be
+    hit, fail loudly, so that the provider is skipped with the reason instead."""
+    import torch._dynamo.config as cfg
+
+    wanted = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
+    return cfg.patch(**{k: v for k, v in wanted.items() if hasattr(cfg, k)})
+
+
+def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = False, repeats: int = 25,
+        no_compile: bool = False, on_row: Callable[[dict], None] | None = None,
+        on_progress: Callable[[str], None] | None = None) -> Run:
+    """Measure the registered benchmarks of ``ops`` (all when None) on ``device``.
+
+    On CPU the repeats of every case are spread over CPU_PASSES passes through all the cases, so
+    that each median samples the whole run rather than one second of a machine whose speed drifts.
+    Rows are final, and reach ``on_row``, in the last pass; ``on_progress`` hears of the others.
+    """
+    ops = check_args(ops, device, repeats)
+    benches = registered()
     if device == "cpu":
         keep_freed_memory_in_the_heap()
-
     result = Run(device, machine(device))
     plan = []  # (benchmark, case, providers)
     for op in ops:
         bench = benches[op]
         result.size_names[op] = bench.size_name
-        fns = _providers(bench, device, no_compile, result)
-        plan += [(bench, case, fns) for case in bench.cases(device, quick)]
+        fns = _runnable(bench, device, no_compile, result)
+        cases = bench.cases(device, quick)
+        labels = [case.label for case in cases]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{op}: its cases must have distinct labels (the gate keys on them): {labels}")
+        plan += [(bench, case, fns) for case in cases]
     passes = CPU_PASSES if device == "cpu" else 1
     samples: list[dict] = [{} for _ in plan]
     peaks: list[dict] = [{} for _ in plan]
-    for p in range(passes):
-        if on_pass:
-            on_pass(p + 1, passes)
-        for i, (bench, case, fns) in enumerate(plan):
-            steps = _setup(bench, case, fns if p == 0 else {n: fns[n] for n in samples[i]}, device, result)
-            if device == "cuda":
-                timings = {name: (*time_cuda(step), None) for name, step in steps.items()}
-            else:
-                for name, s in time_cpu(steps, -(-repeats // passes), warmup=2).items():
-                    samples[i].setdefault(name, []).extend(s)
-                timings = {name: (*median_iqr(s), len(s)) for name, s in samples[i].items()}
-            if p == 0:
-                peaks[i] = {name: peak_memory(step, device) for name, step in steps.items()}
-            if p == passes - 1:
-                for row in _rows(bench, case, timings, peaks[i], result):
-                    if on_row:
-                        on_row(row)
-            del steps  # free this case's inputs before the next case allocates its own
+    with _compile_config():
+        for p in range(passes):
+            for i, (bench, case, fns) in enumerate(plan):
+                if p < passes - 1 and on_progress:
+                    on_progress(f"pass {p + 1}/{passes}: {bench.op} {case.label}")
+                steps = _setup(bench, case, fns if p == 0 else {n: fns[n] for n in samples[i]}, device, result)
+                if device == "cuda":
+                    timings = {name: (*time_cuda(step), None) for name, step in steps.items()}
+                else:
+                    for name, s in time_cpu(steps, -(-repeats // passes), warmup=2).items():
+                        samples[i].setdefault(name, []).extend(s)
+                    timings = {name: (*median_iqr(s), len(s)) for name, s in samples[i].items() if name in steps}
+                if p == 0:
+                    peaks[i] = {name: peak_memory(step, device) for name, step in steps.items()}
+                if p == passes - 1:
+                    for row in _rows(bench, case, timings, peaks[i], result):
+                        if on_row:
+                            on_row(row)
+                del steps  # free this case's inputs before the next case allocates its own
     return result
 
 

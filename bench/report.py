@@ -39,7 +39,7 @@ def _by_op(rows: list) -> dict[str, list]:
     return ops
 
 
-def _providers(rows: list) -> list[str]:
+def _provider_names(rows: list) -> list[str]:
     return list(dict.fromkeys(r["provider"] for r in rows))
 
 
@@ -50,7 +50,7 @@ def markdown(data: dict) -> str:
            f"commit {m.get('commit') or '?'}, {m['date'][:10]}. Times are medians in ms; "
            f"speedup is the other provider's time over fastcore's, on the same inputs in the same run."]
     for op, rows in _by_op(data["results"]).items():
-        provs = _providers(rows)
+        provs = _provider_names(rows)
         ours = [p for p in provs if p.startswith("fastcore-")]
         others = [p for p in provs if not p.startswith("fastcore-")]
         cells = {(r["case"], r["provider"]): r for r in rows}
@@ -88,7 +88,7 @@ def plot(data: dict, outdir: Path) -> list[Path]:
         nrows = -(-len(keys) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
         for ax, key in zip(axes.flat, keys):
-            for provider in _providers(panels[key]):
+            for provider in _provider_names(panels[key]):
                 pts = sorted((r["size"], r[unit]) for r in panels[key] if r["provider"] == provider)
                 style = "-o" if provider.startswith("fastcore-") else "--."
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=provider)
@@ -113,7 +113,7 @@ def speedup_summary(rows: list) -> list[str]:
     """One line per fastcore provider: the range of its speedups over eager."""
     lines = []
     for op, op_rows in _by_op(rows).items():
-        for provider in _providers(op_rows):
+        for provider in _provider_names(op_rows):
             s = [r["speedup"] for r in op_rows if r["provider"] == provider and "speedup" in r]
             if s:
                 lines.append(f"{op} {provider}: {min(s):.2f}x to {max(s):.2f}x of {EAGER} over {len(s)} cases")

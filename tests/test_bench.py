@@ -20,11 +20,24 @@ RESULT_KEYS = {"op", "provider", "case", "mode", "shape", "dtype", "size", "medi
                "gbps", "floor_frac", "peak_mem_bytes"}
 
 
-def _sleeper(ms):
-    def fn(x):
-        time.sleep(ms / 1000)
-        return x * 2
-    return fn
+class FakeClock:
+    """perf_counter for the harness: providers spend exact amounts, every reading costs 1 us."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1e-6
+        return self.now
+
+    def spender(self, ms):
+        def fn(x):
+            self.now += ms / 1000
+            return x * 2
+        return fn
+
+
+CLOCK = FakeClock()
 
 
 def _cannot_set_up(x):
@@ -33,8 +46,8 @@ def _cannot_set_up(x):
 
 def _toy_providers(device):
     return {
-        "fastcore-slow": _sleeper(4),   # a known speedup over "torch": about 2/4
-        "torch": _sleeper(2),
+        "fastcore-slow": CLOCK.spender(4),   # a known speedup over "torch": 2/4
+        "torch": CLOCK.spender(2),
         "fastcore-fast": lambda x: torch.mul(x, 2),
         "fastcore-broken": _cannot_set_up,
         "liger": "liger-kernel is not installed",
@@ -65,7 +78,9 @@ def toy():
 
 @pytest.fixture(scope="module")
 def toy_run(toy):
-    return harness.run([TOY], device="cpu", quick=False, repeats=harness.MIN_REPEATS).to_json()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness.time, "perf_counter", CLOCK.perf_counter)
+        return harness.run([TOY], device="cpu", quick=False, repeats=harness.MIN_REPEATS).to_json()
 
 
 def _rows(data, provider):
@@ -74,6 +89,7 @@ def _rows(data, provider):
 
 # ---------------------------------------------------------------- harness and results file
 def test_results_schema_and_derived_figures(toy_run):
+    assert toy_run["format"] == harness.RESULTS_FORMAT
     m = toy_run["machine"]
     for k in ("device", "slug", "cpu", "threads", "torch", "triton", "cuda", "commit", "date", "copy_gbps"):
         assert k in m, f"machine lacks {k}"
@@ -89,15 +105,30 @@ def test_results_schema_and_derived_figures(toy_run):
         # y = 2x allocates one output of numel float32s, plus a few bytes for the wrapped scalar 2.
         assert row["shape"][0] * 4 <= row["peak_mem_bytes"] <= row["shape"][0] * 4 + 64
         assert ("speedup" in row) == row["provider"].startswith("fastcore-")
-    eager = {r["case"]: r["median_ms"] for r in _rows(toy_run, "torch")}
-    for row in _rows(toy_run, "fastcore-slow") + _rows(toy_run, "fastcore-fast"):
-        assert row["speedup"] == pytest.approx(eager[row["case"]] / row["median_ms"])
-    # 2 ms against 4 ms of sleep, plus the same small overheads on both.
+    # Under the fake clock each sample is the provider's spend plus one 1-us clock reading.
+    for row in _rows(toy_run, "torch"):
+        assert row["median_ms"] == pytest.approx(2.001) and row["iqr_ms"] == pytest.approx(0, abs=1e-9)
     for row in _rows(toy_run, "fastcore-slow"):
-        assert 0.4 < row["speedup"] < 0.65, row
-        assert 3.9 < row["median_ms"] < 6
+        assert row["median_ms"] == pytest.approx(4.001) and row["speedup"] == pytest.approx(2.001 / 4.001)
     for row in _rows(toy_run, "fastcore-fast"):
-        assert row["speedup"] > 5
+        assert row["median_ms"] == pytest.approx(0.001) and row["speedup"] == pytest.approx(2001)
+
+
+def test_real_clock_timings_are_sane():
+    """The real clock: a provider that sleeps 3 ms takes at least that, and one that does not is faster."""
+    def sleeper(x):
+        time.sleep(0.003)
+        return x
+    bench = harness.register(harness.Benchmark(
+        op="toy_sleep", providers=lambda device: {"torch": sleeper, "fastcore-x": lambda x: x + 1},
+        cases=lambda device, quick: [harness.Case((8,), torch.float32, "fwd", 8)],
+        setup=lambda fn, case, device: (lambda x=torch.ones(8): fn(x)), work=lambda case: ("bytes", 64)))
+    try:
+        rows = {r["provider"]: r for r in harness.run([bench.op]).rows}
+    finally:
+        harness.unregister(bench.op)
+    assert rows["torch"]["median_ms"] >= 3.0
+    assert rows["fastcore-x"]["median_ms"] < 3.0 and rows["fastcore-x"]["speedup"] > 1
 
 
 def test_skipped_providers_name_their_reason(toy_run):
@@ -154,7 +185,8 @@ def test_norm_min_bytes_by_hand():
     bwd = harness.Case((4096, 1024), torch.bfloat16, "bwd", 1024)
     assert bench_norm.min_bytes("rms_norm", bwd) == 3 * 4096 * 1024 * 2 + 2 * 1024 * 2
     both = harness.Case((8, 16), torch.float32, "fwd+bwd", 16)
-    assert bench_norm.min_bytes("layer_norm", both) == (2 * 8 * 16 + 2 * 16 + 3 * 8 * 16 + 4 * 16) * 4
+    # forward: x, y, w, b; backward: x, dy, dx, then w read and dw, db written (b is not needed)
+    assert bench_norm.min_bytes("layer_norm", both) == (2 * 8 * 16 + 2 * 16 + 3 * 8 * 16 + 3 * 16) * 4
 
 
 # ---------------------------------------------------------------- renderers
@@ -278,8 +310,16 @@ def test_committed_baselines_load_and_pass_against_themselves(capsys):
     (None, "no such file"),
     ("not json", "is not JSON"),
     ('{"results": []}', "not a fastcore bench results file"),
-    ('{"machine": {}, "results": [{"op": "x"}]}', r"results\[0\] lacks \['case', 'provider'\]"),
-    ('{"machine": {"slug": "x"}, "results": [{"op": "x", "provider": "torch", "case": "c"}]}', "nothing to gate on"),
+    ('{"machine": {"slug": "x"}, "results": []}', "has format None; this fastcore reads format 1"),
+    ('{"format": 1, "machine": {}, "results": []}', "machine lacks its slug"),
+    ('{"format": 1, "machine": {"slug": "x"}, "results": [{"op": "x"}]}', r"results\[0\] lacks \['case', 'mode', 'provider'\]"),
+    ('{"format": 1, "machine": {"slug": "x"}, "results": [' + ", ".join(['{"op": "x", "provider": "p", "case": "c", "mode": "fwd"}'] * 2) + "]}",
+     r"results\[1\] repeats the case \('x', 'p', 'c'\)"),
+    ('{"format": 1, "machine": {"slug": "x"}, "results": [{"op": "x", "provider": "p", "case": "c", "mode": "fwd", "speedup": -1}]}',
+     "has speedup -1; expected a positive number"),
+    ('{"format": 1, "machine": {"slug": "x"}, "results": [{"op": "x", "provider": "p", "case": "c", "mode": "fwd", "speedup": 2, "margin_pct": 120}]}',
+     r"has margin_pct 120; expected a percentage in \[0, 100\)"),
+    ('{"format": 1, "machine": {"slug": "x"}, "results": [{"op": "x", "provider": "torch", "case": "c", "mode": "fwd"}]}', "nothing to gate on"),
 ])
 def test_gate_rejects_bad_files(toy_run, tmp_path, capsys, content, match):
     base = tmp_path / "base.json"
@@ -301,6 +341,7 @@ def test_gate_rejects_a_bad_margin(toy_run, tmp_path, capsys):
 def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, capsys):
     runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.02, 1.5))]
     assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
+    capsys.readouterr()
     base = json.loads((tmp_path / "base.json").read_text())
     original = {compare.key(r): r["speedup"] for r in toy_run["results"] if "speedup" in r}
     for row in base["results"]:
@@ -315,8 +356,16 @@ def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, caps
 
 def test_baseline_margin_has_a_floor():
     rows = [{"op": "o", "provider": "fastcore-x", "case": "c", "speedup": s} for s in (1.0, 1.01)]
-    base = compare.from_runs([{"machine": {"slug": "m"}, "results": [r]} for r in rows])
-    assert base["results"][0]["margin_pct"] == compare.MIN_MARGIN_PCT
+    base, noisy = compare.from_runs([{"machine": {"slug": "m"}, "results": [r]} for r in rows])
+    assert base["results"][0]["margin_pct"] == compare.MIN_MARGIN_PCT and noisy == []
+
+
+def test_baseline_leaves_out_cases_too_noisy_to_gate(toy_run, tmp_path, capsys):
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.0, 1.6))]
+    assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("left out, too noisy to gate on") == 4 and "spread 60%" in out
+    assert json.loads((tmp_path / "base.json").read_text())["results"] == []
 
 
 # ---------------------------------------------------------------- the command line
@@ -327,13 +376,14 @@ def _fastcore(*args, timeout=300):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["no_such_op"], "unknown op(s) no_such_op; registered: layer_norm, rms_norm"),
-    (["--repeats", "3"], "--repeats: expected at least 15, got 3"),
+    (["no_such_op"], "ops: unknown benchmark(s) no_such_op; registered: {registered}"),
+    (["--repeats", "3"], "repeats: expected at least 15 on CPU (medians of fewer are noise), got 3"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: no CUDA GPU is available")]))
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "device: 'cuda' was asked for, but no CUDA GPU")]))
 def test_cli_rejects_bad_arguments(capsys, args, message):
     with pytest.raises(SystemExit) as exc:
         cli.main(args)
+    message = message.format(registered=", ".join(sorted(harness.registered())))
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -342,3 +392,102 @@ def test_cli_show_renders_a_results_file(toy_run, tmp_path):
     out = _fastcore("bench", "show", str(path), "--markdown", "--plot", str(tmp_path / "plots"))
     assert out.returncode == 0, out.stderr
     assert "| case |" in out.stdout and (tmp_path / "plots" / f"{TOY}.png").exists()
+
+
+def test_cli_run_writes_results_markdown_and_plots(toy, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([TOY, "--quick", "--markdown", "--plot", "plots"]) == 0
+    out = capsys.readouterr().out
+    slug = harness.device_slug("cpu")
+    path = tmp_path / "bench" / "results" / slug / f"{TOY}-quick.json"
+    data = compare.load(path, "results")
+    assert {r["provider"] for r in data["results"]} == {"fastcore-slow", "torch", "fastcore-fast"}
+    assert f"wrote bench/results/{slug}/{TOY}-quick.json" in out and "| case |" in out
+    assert "skipped toy_scale liger: liger-kernel is not installed" in out
+    assert (tmp_path / "plots" / f"{TOY}.png").exists()
+
+
+def test_cli_respawns_with_spinning_openmp_workers(toy, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    cli.main([TOY, "--quick", "--json", str(tmp_path / "a.json")], command_line=True)
+    assert calls == []  # the user's own setting stands
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    cli.main([TOY, "--quick", "--json", str(tmp_path / "b.json")], command_line=True)
+    (exe, argv, env), = calls
+    # The same invocation (console script or -m, interpreter flags included), not a rebuilt one.
+    assert exe == sys.executable and argv == sys.orig_argv and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_every_case_gets_a_compiled_graph(tmp_path):
+    """Dynamo stops compiling a function after 8 shapes and silently runs it eagerly; the harness
+    lifts that limit, so the torch.compile rows of a long sweep measure compiled code."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(example_inputs[0].shape))
+        return gm.forward
+
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=counting_backend, dynamic=False)
+    sizes = [8 + i for i in range(10)]
+    bench = harness.register(harness.Benchmark(
+        op="toy_compiled", providers=lambda device: {"torch": lambda x: x * 2 + 1, "torch.compile": compiled},
+        cases=lambda device, quick: [harness.Case((n,), torch.float32, "fwd", n) for n in sizes],
+        setup=lambda fn, case, device: (lambda x=torch.ones(case.shape): fn(x)), work=lambda case: ("bytes", 8)))
+    try:
+        result = harness.run([bench.op])
+    finally:
+        harness.unregister(bench.op)
+    assert result.skipped == []
+    assert sorted(set(graphs)) == [(n,) for n in sizes]
+    assert len([r for r in result.rows if r["provider"] == "torch.compile"]) == len(sizes)
+
+
+def test_run_rejects_duplicate_case_labels():
+    bench = harness.register(harness.Benchmark(
+        op="toy_twins", providers=lambda device: {"torch": lambda x: x},
+        cases=lambda device, quick: [harness.Case((4,), torch.float32, "fwd", 4)] * 2,
+        setup=lambda fn, case, device: (lambda: fn(1)), work=lambda case: ("bytes", 8)))
+    try:
+        with pytest.raises(ValueError, match="toy_twins: its cases must have distinct labels"):
+            harness.run([bench.op])
+    finally:
+        harness.unregister(bench.op)
+
+
+def test_flops_benchmarks_report_tflops_against_the_matmul_rate():
+    bench = harness.register(harness.Benchmark(
+        op="toy_mm", providers=lambda device: {"torch": torch.mm, "fastcore-x": torch.mm},
+        cases=lambda device, quick: [harness.Case((64, 64), torch.float32, "fwd", 64)],
+        setup=lambda fn, case, device: (lambda a=torch.randn(case.shape): fn(a, a)),
+        work=lambda case: ("flops", 2 * 64 ** 3)))
+    try:
+        result = harness.run([bench.op])
+    finally:
+        harness.unregister(bench.op)
+    assert result.machine["matmul_tflops"] > 0 and "copy_gbps" not in result.machine
+    for row in result.rows:
+        assert "gbps" not in row
+        assert row["tflops"] == pytest.approx(2 * 64 ** 3 / (row["median_ms"] * 1e-3) / 1e12)
+        assert row["floor_frac"] == pytest.approx(row["tflops"] / result.machine["matmul_tflops"])
+
+
+def test_attention_flops_by_hand():
+    # FlashAttention's count: 4 * B * H * T^2 * D forward, halved when causal, x2.5 backward.
+    assert harness.attention_flops(2, 3, 5, 5, 7, False, "fwd") == 4 * 2 * 3 * 25 * 7
+    assert harness.attention_flops(2, 3, 5, 5, 7, True, "fwd") == 2 * 2 * 3 * 25 * 7
+    assert harness.attention_flops(1, 1, 4, 6, 8, False, "bwd") == 2.5 * 4 * 4 * 6 * 8
+    assert harness.attention_flops(1, 1, 4, 4, 8, True, "fwd+bwd") == 3.5 * 2 * 16 * 8
+
+
+def test_gate_falls_back_to_the_nearest_machine_class(toy_run, tmp_path, capsys):
+    current = copy.deepcopy(toy_run)
+    current["machine"]["slug"] = "cpu-some-other-model-2core"
+    cur = _write(tmp_path, "cur.json", current)
+    (tmp_path / "baselines").mkdir()
+    _write(tmp_path / "baselines", "cpu-amd-epyc-2core.json", _scaled(toy_run, 3.0))
+    _write(tmp_path / "baselines", "cpu-amd-epyc-8core.json", toy_run)
+    code, out = _gate(capsys, tmp_path / "baselines", cur)
+    assert "using the nearest machine class, cpu-amd-epyc-2core" in out
+    assert code == 1 and "REGRESSED" in out
