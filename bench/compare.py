@@ -16,7 +16,7 @@ from pathlib import Path
 from fastcore.bench.harness import RESULTS_FORMAT
 
 # For cases whose baseline row carries no margin_pct: twice the largest run-to-run spread of any
-# quick-set speedup (28%, rms_norm fp32 bwd, six runs on the 2-core CI VM, 2026-11-22).
+# quick-set speedup (28%, over two batches of six runs on the 2-core CI VM, 2026-11-22).
 DEFAULT_MARGIN_PCT = 55.0
 # `fastcore bench baseline` sets each case's margin to SPREAD_FACTOR times its largest
 # deviation from the median over several runs, and never below MIN_MARGIN_PCT.

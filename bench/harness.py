@@ -347,9 +347,11 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
     peaks: list[dict] = [{} for _ in plan]
     with _compile_config():
         for p in range(passes):
+            if 0 < p < passes - 1 and on_progress:
+                on_progress(f"pass {p + 1}/{passes}")
             for i, (bench, case, fns) in enumerate(plan):
-                if p < passes - 1 and on_progress:
-                    on_progress(f"pass {p + 1}/{passes}: {bench.op} {case.label}")
+                if p == 0 and passes > 1 and on_progress:  # the pass that compiles and builds
+                    on_progress(f"pass 1/{passes}: {bench.op} {case.label}")
                 steps = _setup(bench, case, fns if p == 0 else {n: fns[n] for n in samples[i]}, device, result)
                 if device == "cuda":
                     timings = {name: (*time_cuda(step), None) for name, step in steps.items()}
