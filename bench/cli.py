@@ -16,7 +16,7 @@ from pathlib import Path
 SUBCOMMANDS = ("compare", "baseline", "show")
 
 
-def spin_openmp_workers() -> None:
+def spin_openmp_workers(argv: list[str]) -> None:
     """Re-run this command with OMP_WAIT_POLICY=ACTIVE unless it is already set.
 
     Sleeping OpenMP workers take milliseconds to wake on small VMs, which swamps CPU timings of
@@ -27,7 +27,8 @@ def spin_openmp_workers() -> None:
     sys.stdout.flush()
     # The exact invocation again (console script or -m, with its interpreter flags), so that the
     # same fastcore runs; `-m` from another directory could pick up a different one.
-    os.execve(sys.executable, sys.orig_argv, dict(os.environ, OMP_WAIT_POLICY="ACTIVE"))
+    again = sys.orig_argv or [sys.executable, "-m", "fastcore", "bench", *argv]  # empty when embedded
+    os.execve(sys.executable, again, dict(os.environ, OMP_WAIT_POLICY="ACTIVE"))
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -67,7 +68,7 @@ def run_main(argv: list[str], command_line: bool) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if args.device == "cpu" and command_line:
-        spin_openmp_workers()
+        spin_openmp_workers(argv)
 
     print(report.HEADER, flush=True)
     result = harness.run(args.ops, device=args.device, quick=args.quick, repeats=args.repeats,
@@ -141,11 +142,12 @@ def baseline_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     try:
-        data, noisy = compare.from_runs([compare.load(r, "runs") for r in args.runs])
+        data = compare.from_runs([compare.load(r, "runs") for r in args.runs])
     except ValueError as exc:
         p.error(str(exc))
-    for line in noisy:
-        print(f"left out, too noisy to gate on (margin would pass {compare.MAX_MARGIN_PCT:.0f}%): {line}")
+    for n in data["left_out"]:
+        print(f"left out, too noisy to gate on (margin would pass {compare.MAX_MARGIN_PCT:.0f}%): "
+              f"{n['op']} {n['case']} {n['provider']}: spread {n['spread_pct']}%")
     _write_json(data, args.out)
     for row in data["results"]:
         print(f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['speedup']:>7.2f}x  "

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from fastcore.bench.harness import RESULTS_FORMAT
 
-# For cases whose baseline row carries no margin_pct: twice the largest run-to-run spread of any
-# quick-set speedup (28%, over two batches of six runs on the 2-core CI VM, 2026-11-22).
-DEFAULT_MARGIN_PCT = 55.0
+# For cases whose baseline row carries no margin_pct: the margin `baseline` gives the largest
+# run-to-run spread of any quick-set speedup (28%, two batches of six runs on the 2-core CI VM,
+# 2026-11-22; see bench/baselines/NOISE.md): twice that, rounded up to 5.
+DEFAULT_MARGIN_PCT = 60.0
 # `fastcore bench baseline` sets each case's margin to SPREAD_FACTOR times its largest
 # deviation from the median over several runs, and never below MIN_MARGIN_PCT.
 SPREAD_FACTOR = 2.0
@@ -65,6 +66,9 @@ def load(path: Path, what: str) -> dict:
         if "margin_pct" in row and not (isinstance(row["margin_pct"], (int, float)) and 0 <= row["margin_pct"] < 100):
             raise ValueError(f"{what}: {path}: results[{i}] has margin_pct {row['margin_pct']!r}; "
                              "expected a percentage in [0, 100)")
+    for i, row in enumerate(data.get("left_out", [])):
+        if not {"op", "provider", "case"} <= set(row):
+            raise ValueError(f"{what}: {path}: left_out[{i}] lacks op, provider or case")
     return data
 
 
@@ -108,6 +112,7 @@ def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> l
     base, cur = gated(baseline), gated(current)
     if not base:
         raise ValueError("baseline: it has no rows with a speedup, so there is nothing to gate on")
+    left_out = {key(r) for r in baseline.get("left_out", [])}
     entries = []
     for k, row in base.items():
         margin = margin_pct if margin_pct is not None else row.get("margin_pct", DEFAULT_MARGIN_PCT)
@@ -122,7 +127,7 @@ def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> l
             status = "ok"
         entries.append(Entry(k, row["speedup"], now, margin, status))
     for k, row in cur.items():
-        if k not in base:
+        if k not in base and k not in left_out:
             entries.append(Entry(k, None, row["speedup"], DEFAULT_MARGIN_PCT if margin_pct is None else margin_pct, "new"))
     return entries
 
@@ -149,13 +154,17 @@ def _slim(row: dict, margin_pct: float) -> dict:
 def updated_baseline(baseline: dict, current: dict) -> dict:
     """The current run's speedups with the baseline's margins: the file to commit to accept them."""
     base = gated(baseline)
-    rows = [_slim(r, base.get(k, {}).get("margin_pct", DEFAULT_MARGIN_PCT)) for k, r in gated(current).items()]
-    return {"format": RESULTS_FORMAT, "machine": current["machine"], "results": rows}
+    left_out = baseline.get("left_out", [])
+    skip = {key(r) for r in left_out}
+    rows = [_slim(r, base.get(k, {}).get("margin_pct", DEFAULT_MARGIN_PCT))
+            for k, r in gated(current).items() if k not in skip]
+    return {"format": RESULTS_FORMAT, "machine": current["machine"], "results": rows, "left_out": left_out}
 
 
-def from_runs(runs: list[dict]) -> tuple[dict, list[str]]:
+def from_runs(runs: list[dict]) -> dict:
     """A baseline from several runs of an unchanged tree: median speedups, margins from their spread.
-    Also returns the cases left out as too noisy to gate on."""
+    Cases too noisy to gate on are listed under ``left_out``, so that the gate does not take them
+    for new ones."""
     if len(runs) < 2:
         raise ValueError("runs: need at least two results files to measure the run-to-run spread")
     slugs = {r["machine"].get("slug") for r in runs}
@@ -175,7 +184,10 @@ def from_runs(runs: list[dict]) -> tuple[dict, list[str]]:
         spread = max(abs(s / med - 1) for s in speedups) * 100
         margin = max(MIN_MARGIN_PCT, 5 * math.ceil(SPREAD_FACTOR * spread / 5))
         if margin > MAX_MARGIN_PCT:
-            noisy.append(f"{' '.join(k)}: spread {spread:.0f}%")
-            continue
-        rows.append({**_slim(row, margin), "speedup": med, "spread_pct": round(spread, 1), "runs": len(runs)})
-    return {"format": RESULTS_FORMAT, "machine": runs[-1]["machine"], "results": rows}, noisy
+            noisy.append({"op": k[0], "provider": k[1], "case": k[2], "spread_pct": round(spread, 1)})
+        else:
+            rows.append({**_slim(row, margin), "speedup": med, "spread_pct": round(spread, 1), "runs": len(runs)})
+    if not rows:
+        raise ValueError(f"runs: every case is too noisy to gate on (margin over {MAX_MARGIN_PCT:.0f}%): "
+                         + "; ".join(f"{' '.join(key(n))} spread {n['spread_pct']}%" for n in noisy))
+    return {"format": RESULTS_FORMAT, "machine": runs[-1]["machine"], "results": rows, "left_out": noisy}

@@ -89,6 +89,9 @@ def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: in
 
 
 # ---------------------------------------------------------------- timing
+clock = time.perf_counter  # the CPU timer; tests substitute a fake one here
+
+
 def time_cpu(steps: dict[str, Callable], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
     """Milliseconds per call, ``repeats`` samples each, taking the providers round-robin so that
     drift on a shared machine hits them alike."""
@@ -98,9 +101,9 @@ def time_cpu(steps: dict[str, Callable], repeats: int, warmup: int = 3) -> dict[
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((clock() - start) * 1e3)
     return samples
 
 
@@ -295,7 +298,7 @@ def _runnable(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dict
 def check_args(ops: list[str] | None, device: str, repeats: int) -> list[str]:
     """The ops to run; ValueError naming the argument when one is wrong."""
     benches = registered()
-    ops = list(ops or benches)
+    ops = list(dict.fromkeys(ops or benches))  # naming an op twice runs it once
     unknown = [op for op in ops if op not in benches]
     if unknown:
         raise ValueError(f"ops: unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(sorted(benches))}")
@@ -314,7 +317,8 @@ def _compile_config():
     hit, fail loudly, so that the provider is skipped with the reason instead."""
     import torch._dynamo.config as cfg
 
-    wanted = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True}
+    wanted = {"recompile_limit": 1024, "accumulated_recompile_limit": 4096, "fail_on_recompile_limit_hit": True,
+              "suppress_errors": False}  # a swallowed compile error would also run eager
     return cfg.patch(**{k: v for k, v in wanted.items() if hasattr(cfg, k)})
 
 
@@ -353,6 +357,8 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
                 if p == 0 and passes > 1 and on_progress:  # the pass that compiles and builds
                     on_progress(f"pass 1/{passes}: {bench.op} {case.label}")
                 steps = _setup(bench, case, fns if p == 0 else {n: fns[n] for n in samples[i]}, device, result)
+                for name in set(samples[i]) - set(steps):  # failed in a later pass: no row from part of the samples
+                    del samples[i][name]
                 if device == "cuda":
                     timings = {name: (*time_cuda(step), None) for name, step in steps.items()}
                 else:

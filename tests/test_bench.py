@@ -79,7 +79,8 @@ def toy():
 @pytest.fixture(scope="module")
 def toy_run(toy):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harness.time, "perf_counter", CLOCK.perf_counter)
+        mp.setattr(harness, "clock", CLOCK.perf_counter)
+        mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
         return harness.run([TOY], device="cpu", quick=False, repeats=harness.MIN_REPEATS).to_json()
 
 
@@ -94,7 +95,7 @@ def test_results_schema_and_derived_figures(toy_run):
     for k in ("device", "slug", "cpu", "threads", "torch", "triton", "cuda", "commit", "date", "copy_gbps"):
         assert k in m, f"machine lacks {k}"
     assert m["slug"].startswith("cpu-") and m["slug"].endswith(f"-{torch.get_num_threads()}core")
-    assert m["copy_gbps"] > 0
+    assert m["copy_gbps"] == 10.0
     assert {r["provider"] for r in toy_run["results"]} == {"fastcore-slow", "torch", "fastcore-fast"}
     for row in toy_run["results"]:
         assert RESULT_KEYS <= set(row), f"row lacks {RESULT_KEYS - set(row)}"
@@ -112,6 +113,37 @@ def test_results_schema_and_derived_figures(toy_run):
         assert row["median_ms"] == pytest.approx(4.001) and row["speedup"] == pytest.approx(2.001 / 4.001)
     for row in _rows(toy_run, "fastcore-fast"):
         assert row["median_ms"] == pytest.approx(0.001) and row["speedup"] == pytest.approx(2001)
+
+
+def test_copy_bandwidth_is_plausible():
+    assert 0.5 < harness.copy_bandwidth("cpu") < 2000  # GB/s: any CPU from a laptop to a large server
+
+
+def test_naming_an_op_twice_runs_it_once(toy):
+    rows = harness.run([TOY, TOY], quick=True).rows
+    assert len(rows) == len({(r["provider"], r["case"]) for r in rows}) == 3
+
+
+def test_a_provider_failing_a_later_pass_gets_no_row():
+    setups = []
+
+    def setup(fn, case, device):
+        setups.append(fn)
+        if fn is flaky and len([f for f in setups if f is flaky]) > 2:
+            raise RuntimeError("gone on the third setup")
+        return lambda: fn(1)
+
+    flaky = lambda x: x  # noqa: E731
+    bench = harness.register(harness.Benchmark(
+        op="toy_flaky", providers=lambda device: {"torch": lambda x: x, "fastcore-flaky": flaky},
+        cases=lambda device, quick: [harness.Case((1,), torch.float32, "fwd", 1)], setup=setup,
+        work=lambda case: ("bytes", 8)))
+    try:
+        result = harness.run([bench.op])
+    finally:
+        harness.unregister(bench.op)
+    assert [r["provider"] for r in result.rows] == ["torch"]
+    assert [s["reason"] for s in result.skipped] == ["failed: RuntimeError: gone on the third setup"]
 
 
 def test_real_clock_timings_are_sane():
@@ -339,16 +371,17 @@ def test_gate_rejects_a_bad_margin(toy_run, tmp_path, capsys):
 
 
 def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, capsys):
-    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.02, 1.5))]
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.02, 1.2))]
     assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
     capsys.readouterr()
     base = json.loads((tmp_path / "base.json").read_text())
     original = {compare.key(r): r["speedup"] for r in toy_run["results"] if "speedup" in r}
+    assert len(base["results"]) == len(original) == 4 and base["left_out"] == []
     for row in base["results"]:
         s = original[compare.key(row)]
-        assert row["speedup"] == pytest.approx(1.02 * s)      # the median run
-        assert row["spread_pct"] == pytest.approx(47.1, abs=0.1)  # 1.5 / 1.02 - 1
-        assert row["margin_pct"] == 95                         # 2 x 47.1, rounded up to 5
+        assert row["speedup"] == pytest.approx(1.02 * s)         # the median run
+        assert row["spread_pct"] == pytest.approx(17.6, abs=0.1)  # 1.2 / 1.02 - 1
+        assert row["margin_pct"] == 40                            # 2 x 17.6, rounded up to 5
     with pytest.raises(SystemExit):
         cli.main(["baseline", str(runs[0]), "--out", str(tmp_path / "x.json")])
     assert "at least two results files" in capsys.readouterr().err
@@ -356,16 +389,36 @@ def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, caps
 
 def test_baseline_margin_has_a_floor():
     rows = [{"op": "o", "provider": "fastcore-x", "case": "c", "speedup": s} for s in (1.0, 1.01)]
-    base, noisy = compare.from_runs([{"machine": {"slug": "m"}, "results": [r]} for r in rows])
-    assert base["results"][0]["margin_pct"] == compare.MIN_MARGIN_PCT and noisy == []
+    base = compare.from_runs([{"machine": {"slug": "m"}, "results": [r]} for r in rows])
+    assert base["results"][0]["margin_pct"] == compare.MIN_MARGIN_PCT and base["left_out"] == []
 
 
 def test_baseline_leaves_out_cases_too_noisy_to_gate(toy_run, tmp_path, capsys):
-    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.0, 1.6))]
+    def run(slow_factor):
+        data = copy.deepcopy(toy_run)
+        for row in _rows(data, "fastcore-slow"):
+            row["speedup"] *= slow_factor
+        return data
+    runs = [_write(tmp_path, f"r{i}.json", run(f)) for i, f in enumerate((1.0, 1.0, 1.6))]
     assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
     out = capsys.readouterr().out
-    assert out.count("left out, too noisy to gate on") == 4 and "spread 60%" in out
-    assert json.loads((tmp_path / "base.json").read_text())["results"] == []
+    assert out.count("left out, too noisy to gate on") == 2 and "spread 60.0%" in out
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert {r["provider"] for r in base["results"]} == {"fastcore-fast"}
+    assert {r["provider"] for r in base["left_out"]} == {"fastcore-slow"}
+    # The gate neither gates on them nor takes them for new cases, and the update keeps them out.
+    code, out = _gate(capsys, tmp_path / "base.json", runs[0], "--write", tmp_path / "new.json")
+    assert code == 0 and "NEW" not in out and "fastcore-slow" not in out.split("updated baseline")[0]
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert new["left_out"] == base["left_out"] and {r["provider"] for r in new["results"]} == {"fastcore-fast"}
+
+
+def test_baseline_refuses_when_every_case_is_too_noisy(toy_run, tmp_path, capsys):
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.0, 1.6))]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")])
+    assert exc.value.code == 2 and "every case is too noisy to gate on" in capsys.readouterr().err
+    assert not (tmp_path / "base.json").exists()
 
 
 # ---------------------------------------------------------------- the command line
@@ -418,6 +471,33 @@ def test_cli_respawns_with_spinning_openmp_workers(toy, tmp_path, monkeypatch):
     (exe, argv, env), = calls
     # The same invocation (console script or -m, interpreter flags included), not a rebuilt one.
     assert exe == sys.executable and argv == sys.orig_argv and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+RESPAWN_SCRIPT = """
+import os, sys, torch
+from fastcore.bench import harness
+from fastcore.cli import main
+print("policy", os.environ.get("OMP_WAIT_POLICY"), flush=True)
+harness.register(harness.Benchmark(
+    op="toy_env", providers=lambda device: {"torch": lambda x: x},
+    cases=lambda device, quick: [harness.Case((1,), torch.float32, "fwd", 1)],
+    setup=lambda fn, case, device: (lambda: fn(1)), work=lambda case: ("bytes", 8)))
+sys.argv = ["fastcore", "bench", "toy_env", "--json", sys.argv[1]]
+sys.exit(main())
+"""
+
+
+def test_cli_respawn_for_real(tmp_path):
+    """A real command line without OMP_WAIT_POLICY runs again, once, with it set to ACTIVE."""
+    script = tmp_path / "respawn.py"
+    script.write_text(RESPAWN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "r.json")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("policy None") == 1 and out.stdout.count("policy ACTIVE") == 1
+    assert out.stdout.count(report.HEADER) == 1
+    assert compare.load(tmp_path / "r.json", "results")["results"][0]["op"] == "toy_env"
 
 
 def test_every_case_gets_a_compiled_graph(tmp_path):
