@@ -147,11 +147,11 @@ def baseline_main(argv: list[str]) -> int:
         p.error(str(exc))
     for n in data["left_out"]:
         print(f"left out, too noisy to gate on (margin would pass {compare.MAX_MARGIN_PCT:.0f}%): "
-              f"{n['op']} {n['case']} {n['provider']}: spread {n['spread_pct']}%")
+              f"{n['op']} {n['case']} {n['provider']}: drop {n['drop_pct']}%")
     _write_json(data, args.out)
     for row in data["results"]:
         print(f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['speedup']:>7.2f}x  "
-              f"spread {row['spread_pct']:>5.1f}%  margin {row['margin_pct']:.0f}%")
+              f"drop {row['drop_pct']:>5.1f}%  margin {row['margin_pct']:.0f}%")
     print(f"wrote {args.out}")
     return 0
 

@@ -370,8 +370,8 @@ def test_gate_rejects_a_bad_margin(toy_run, tmp_path, capsys):
     assert "margin: expected a percentage in [0, 100)" in capsys.readouterr().err
 
 
-def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, capsys):
-    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.02, 1.2))]
+def test_baseline_from_runs_sets_margins_from_the_drop(toy_run, tmp_path, capsys):
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((0.85, 1.0, 1.6))]
     assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
     capsys.readouterr()
     base = json.loads((tmp_path / "base.json").read_text())
@@ -379,9 +379,9 @@ def test_baseline_from_runs_sets_margins_from_the_spread(toy_run, tmp_path, caps
     assert len(base["results"]) == len(original) == 4 and base["left_out"] == []
     for row in base["results"]:
         s = original[compare.key(row)]
-        assert row["speedup"] == pytest.approx(1.02 * s)         # the median run
-        assert row["spread_pct"] == pytest.approx(17.6, abs=0.1)  # 1.2 / 1.02 - 1
-        assert row["margin_pct"] == 40                            # 2 x 17.6, rounded up to 5
+        assert row["speedup"] == pytest.approx(s)                  # the median run
+        assert row["drop_pct"] == pytest.approx(15.0)              # the low run; the high one cannot fail the gate
+        assert row["margin_pct"] == 30                             # 2 x 15
     with pytest.raises(SystemExit):
         cli.main(["baseline", str(runs[0]), "--out", str(tmp_path / "x.json")])
     assert "at least two results files" in capsys.readouterr().err
@@ -399,10 +399,10 @@ def test_baseline_leaves_out_cases_too_noisy_to_gate(toy_run, tmp_path, capsys):
         for row in _rows(data, "fastcore-slow"):
             row["speedup"] *= slow_factor
         return data
-    runs = [_write(tmp_path, f"r{i}.json", run(f)) for i, f in enumerate((1.0, 1.0, 1.6))]
+    runs = [_write(tmp_path, f"r{i}.json", run(f)) for i, f in enumerate((0.4, 1.0, 1.0))]
     assert cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")]) == 0
     out = capsys.readouterr().out
-    assert out.count("left out, too noisy to gate on") == 2 and "spread 60.0%" in out
+    assert out.count("left out, too noisy to gate on") == 2 and "drop 60.0%" in out
     base = json.loads((tmp_path / "base.json").read_text())
     assert {r["provider"] for r in base["results"]} == {"fastcore-fast"}
     assert {r["provider"] for r in base["left_out"]} == {"fastcore-slow"}
@@ -414,7 +414,7 @@ def test_baseline_leaves_out_cases_too_noisy_to_gate(toy_run, tmp_path, capsys):
 
 
 def test_baseline_refuses_when_every_case_is_too_noisy(toy_run, tmp_path, capsys):
-    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((1.0, 1.0, 1.6))]
+    runs = [_write(tmp_path, f"r{i}.json", _scaled(toy_run, f)) for i, f in enumerate((0.4, 1.0, 1.0))]
     with pytest.raises(SystemExit) as exc:
         cli.main(["baseline", *map(str, runs), "--out", str(tmp_path / "base.json")])
     assert exc.value.code == 2 and "every case is too noisy to gate on" in capsys.readouterr().err
