@@ -25,7 +25,7 @@ EPS = 1e-5
 def providers(op: str, device: str) -> dict:
     out = {}
     for backend in fastcore.BACKENDS:
-        reason = fastcore.backends.why_unavailable(backend, device)
+        reason = fastcore.backends.why_unavailable(backend, device, op=op)
         if backend == "reference":
             reason = "the float64 ground truth, not a contender"
         elif backend == "triton" and device == "cpu" and reason is None:

@@ -13,6 +13,16 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 OPS: dict[str, tuple[str, ...]] = {
     "layer_norm": BACKENDS,
     "rms_norm": BACKENDS,
+    "attention": BACKENDS,
+}
+
+# Ops whose `cpu` backend delegates to a PyTorch CPU kernel instead of the C++ extension.
+CPU_DELEGATES: dict[str, str] = {"attention": "torch.nn.functional.scaled_dot_product_attention"}
+
+# (op, backend) pairs that exist by name but have no kernel yet, with the reason.
+NOT_YET: dict[tuple[str, str], str] = {
+    ("attention", "cuda"): "fastcore has no CUDA C++ attention kernel yet; backend='triton' (auto's choice on GPU) runs it",
+    ("attention", "triton"): "the Triton attention kernels are not in yet",
 }
 
 # Input dtypes each backend computes; the reference takes any floating dtype.
@@ -49,11 +59,13 @@ def _as_device(device) -> torch.device:
     return torch.device(device)
 
 
-def why_unavailable(backend: str, device, dtype: torch.dtype | None = None) -> str | None:
-    """None when ``backend`` can run on ``device`` (for ``dtype`` when given), else the reason it cannot."""
+def why_unavailable(backend: str, device, dtype: torch.dtype | None = None, op: str | None = None) -> str | None:
+    """None when ``backend`` can run on ``device`` (for ``dtype`` and ``op`` when given), else the reason it cannot."""
     from fastcore import extension
 
     device = _as_device(device)
+    if (op, backend) in NOT_YET:
+        return NOT_YET[op, backend]
     supported = DTYPES.get(backend)
     if dtype is not None and supported is not None and dtype not in supported:
         names = ", ".join(str(d).replace("torch.", "") for d in supported)
@@ -63,7 +75,7 @@ def why_unavailable(backend: str, device, dtype: torch.dtype | None = None) -> s
     if backend == "cpu":
         if device.type != "cpu":
             return f"the 'cpu' backend runs on CPU tensors, got a {device.type} tensor"
-        return extension.why_unavailable()
+        return None if op in CPU_DELEGATES else extension.why_unavailable()
     if backend == "triton":
         if not _triton_importable():
             return "triton is not installed (pip install triton; Linux x86-64 only)"
@@ -92,7 +104,7 @@ def available_backends(op: str, device="cpu", dtype: torch.dtype | None = None) 
     device = _as_device(device)
     order = AUTO_ORDER.get(device.type, ("reference",))
     ranked = [b for b in order if b in backends] + [b for b in backends if b not in order]
-    return [b for b in ranked if why_unavailable(b, device, dtype) is None]
+    return [b for b in ranked if why_unavailable(b, device, dtype, op) is None]
 
 
 @torch.compiler.assume_constant_result
@@ -107,8 +119,8 @@ def resolve_backend(op: str, backend: str, device, dtype: torch.dtype | None = N
         from fastcore import extension
 
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if name in backends and why_unavailable(name, device, dtype) is None:
-                if name in ("cpu", "cuda") and not extension.try_load():
+            if name in backends and why_unavailable(name, device, dtype, op) is None:
+                if name in ("cpu", "cuda") and op not in CPU_DELEGATES and not extension.try_load():
                     continue  # the build failed; try_load warned once
                 return name
         return "reference"
@@ -116,7 +128,7 @@ def resolve_backend(op: str, backend: str, device, dtype: torch.dtype | None = N
         raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     if backend not in backends:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; it has {', '.join(backends)}")
-    reason = why_unavailable(backend, device, dtype)
+    reason = why_unavailable(backend, device, dtype, op)
     if reason is not None:
         raise RuntimeError(f"{op}: backend {backend!r} cannot run here: {reason}")
     return backend

@@ -55,7 +55,7 @@ def info() -> str:
             ok = backends.available_backends(op, device)
             lines.append(f"  {op:<12} {device:<5} auto -> {ok[0] if ok else 'none'}; available: {', '.join(ok)}")
             for name in backends.OPS[op]:
-                reason = backends.why_unavailable(name, device)
+                reason = backends.why_unavailable(name, device, op=op)
                 if reason:
                     lines.append(f"  {'':<12} {'':<5}   {name}: {reason}")
     return "\n".join(lines)

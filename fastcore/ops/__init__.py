@@ -1,4 +1,5 @@
 """Public functional ops: argument checks, backend dispatch, autograd and torch.compile registration."""
+from fastcore.ops.attention import attention
 from fastcore.ops.norm import layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["attention", "layer_norm", "rms_norm"]

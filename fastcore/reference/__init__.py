@@ -1,4 +1,5 @@
 """Plain PyTorch references in float64: the ground truth for tests, and the fallback backend."""
+from fastcore.reference.attention import attention
 from fastcore.reference.norm import layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm"]
+__all__ = ["attention", "layer_norm", "rms_norm"]

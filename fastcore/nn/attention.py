@@ -1,0 +1,42 @@
+"""Causal self-attention with a fused QKV projection, on ``fastcore.attention``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcore.ops.attention import attention
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention for a GPT-style block.
+
+    One ``qkv`` Linear produces the ``n_heads`` query heads and ``n_kv_heads`` key and value heads
+    in a single matmul; ``proj`` maps the heads back to ``d_model``. Input and output are
+    ``(batch, length, d_model)``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, bias: bool = True,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"CausalSelfAttention: d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"CausalSelfAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.backend = backend
+        factory = dict(device=device, dtype=dtype)
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias, **factory)
+        self.proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                     self.n_kv_heads * self.head_dim], dim=-1)
+        # (B, T, H, D) -> (B, H, T, D): strided views, which the kernels take without copying.
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        y = attention(q, k, v, causal=True, backend=self.backend)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

@@ -1,0 +1,532 @@
+"""Scaled dot-product attention, forward and backward, as Triton kernels (FlashAttention-2).
+
+q is (B, Hq, Tq, D), k and v are (B, Hkv, Tk, D) with Hq a multiple of Hkv: query head h reads
+kv head h // (Hq // Hkv) (GQA; MQA when Hkv == 1).  Inputs may have any strides; every kernel
+takes all four strides of every tensor.  Outputs are new contiguous tensors.
+
+    o = softmax(q k^T * scale + mask) v
+
+Causal masking is bottom-right aligned, as in FlashAttention: query i may see key j iff
+j <= i + (Tk - Tq).  With Tq > Tk the first Tq - Tk queries see nothing; they output 0, get
+lse = +inf and receive zero gradients.
+
+Forward (grid: query blocks x B*Hq)
+    A program keeps its (BLOCK_M, D) block of q in registers and streams k/v blocks through
+    the online softmax: with s the scaled scores of a key block,
+        m' = max(m, rowmax(s)),  alpha = 2^(m - m'),  p = 2^(s - m')
+        l' = l * alpha + rowsum(p),  acc' = acc * alpha + p v.
+    Scores are kept in the base-2 domain (scale is pre-multiplied by log2(e)) so each
+    exponential is a single exp2.  o = acc / l, and lse = (m + log2(l)) * ln(2) is saved (fp32,
+    natural log, (B, Hq, Tq)) so the backward can rebuild p without another softmax.
+    The key loop has two phases: blocks that every row of the query block sees in full run
+    without any elementwise mask, and the few remaining ones (crossing the causal diagonal,
+    or the last partial key block) apply it.  Causal blocks entirely above the diagonal are
+    never visited.
+
+Backward
+    With p = exp(s - lse), dp = dO v^T and delta = rowsum(O * dO) (= rowsum(p * dp)):
+        dv = p^T dO,   ds = p * (dp - delta),   dk = scale * ds^T q,   dq = scale * ds k.
+    1. a small kernel computes delta (fp32, (B, Hq, Tq));
+    2. dK/dV (grid: key blocks x B*Hkv): a program holds its k/v block and accumulates dk/dv
+       over every query head of its GQA group and every query block that can see it;
+    3. dQ (grid: query blocks x B*Hq): a program holds q/dO and loops over key blocks.
+    Each output element is owned by exactly one program, so there are no atomics and the
+    gradients are bit-for-bit reproducible.  p is recomputed twice (in 2 and 3): the price of
+    dropping atomics.
+
+Numerics: all dot products accumulate in fp32 and the softmax statistics are fp32.  fp32
+inputs are multiplied in true fp32 (input_precision="ieee", never tf32); 16-bit inputs round
+p and ds to the input dtype before their products, as FlashAttention does.
+
+Head dims that are not a power of two (80, 96) are padded to the next power of two in
+registers; padded lanes load as zero, so they add nothing to any dot product.
+
+Offsets: batch/head bases and the start of each sequence block are formed in int64; offsets
+inside a block stay int32.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = math.log2(math.e)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed on (padded head dim, causal, dtype).
+# Starting points for H100, not autotuned.  fp32 tiles take twice the shared memory and
+# registers of 16-bit ones, hence the smaller blocks.
+_H16 = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+        128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+_H32 = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2),
+        128: (64, 32, 4, 2), 256: (32, 32, 4, 1)}
+_FWD_CONFIGS = {(d, causal, dt): cfg
+                for dt, table in ((torch.float16, _H16), (torch.bfloat16, _H16), (torch.float32, _H32))
+                for d, cfg in table.items() for causal in (False, True)}
+# dK/dV wants a long key block (it is reused across the whole query loop) and dQ a long
+# query block; both keep two (block, D) fp32 accumulators or q/dO tiles in registers.
+_B16 = {16: ((32, 128, 4, 3), (128, 32, 4, 3)), 32: ((32, 128, 4, 3), (128, 32, 4, 3)),
+        64: ((32, 128, 4, 3), (128, 32, 4, 3)), 128: ((32, 128, 8, 2), (128, 32, 8, 2)),
+        256: ((32, 64, 8, 2), (64, 32, 8, 2))}
+_B32 = {16: ((32, 64, 4, 2), (64, 32, 4, 2)), 32: ((32, 64, 4, 2), (64, 32, 4, 2)),
+        64: ((32, 64, 4, 2), (64, 32, 4, 2)), 128: ((32, 64, 8, 1), (64, 32, 8, 1)),
+        256: ((16, 32, 4, 1), (32, 16, 4, 1))}
+# Value: (dK/dV config, dQ config), each (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_BWD_CONFIGS = {(d, causal, dt): cfg
+                for dt, table in ((torch.float16, _B16), (torch.bfloat16, _B16), (torch.float32, _B32))
+                for d, cfg in table.items() for causal in (False, True)}
+# The interpreter runs every program in Python: small, unequal blocks keep it quick and make
+# even short test sequences span several blocks, partial edges and diagonal crossings.
+_INTERPRET_FWD = (32, 16, 4, 1)
+_INTERPRET_BWD = ((16, 32, 4, 1), (32, 16, 4, 1))
+# Block of the delta preprocess kernel (a plain row reduction).
+_DELTA_BLOCK_M = 64
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, r_ok, c_ok, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    # Masks only what can be out of range: unmasked loads vectorise better.
+    if CHECK_R and CHECK_C:
+        t = tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    elif CHECK_R:
+        t = tl.load(ptrs, mask=r_ok[:, None], other=0.0)
+    elif CHECK_C:
+        t = tl.load(ptrs, mask=c_ok[None, :], other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q, K_head, V_head,
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, lo, hi, Tk, causal_off, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        n_ok = start_n + offs_n < Tk
+        # k is read transposed, (D, BLOCK_N), so q @ kT needs no register shuffle.
+        kT_ptrs = K_head + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+        kT = _load_tile(kT_ptrs, d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (start_n + offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(keep, s, float("-inf"))
+        # m_i starts finite (see caller), so a row whose keys so far are all masked gets
+        # p = 2^(-inf) = 0 and alpha = 1 instead of NaN from (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = V_head + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        v = _load_tile(v_ptrs, n_ok, d_ok, MASKED, BLOCK_D != HEAD_DIM)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_range(start_m, Tk, causal_off, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Key blocks [0, mid) are seen in full by every row of the query block starting at
+    # start_m; [mid, hi) need the elementwise mask.  Row i sees keys j <= i + causal_off, so
+    # the block's first row sees j < start_m + causal_off + 1 and its last row
+    # j < start_m + BLOCK_M + causal_off.  Clamping at 0 before dividing keeps the integer
+    # division on non-negative values (the interpreter floors, compiled code truncates).
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_off, Tk), 0)
+        mid = tl.maximum(tl.minimum(start_m + causal_off + 1, Tk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Tk
+        mid = Tk // BLOCK_N * BLOCK_N
+    return mid, hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, GROUP, Tq, Tk, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    hk = h // GROUP
+    m64 = tl.cast(start_m, tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = (Q + b * stride_qb + h * stride_qh + m64 * stride_qt
+              + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd)
+    q = _load_tile(q_ptrs, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+
+    causal_off = Tk - Tq
+    mid, hi = _key_range(start_m, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
+    # Finite start for the running max: see _fwd_inner.  Real scores never get near it.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
+                               stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, 0, mid, Tk, causal_off, qk_scale,
+                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
+                               stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, mid, hi, Tk, causal_off, qk_scale,
+                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+
+    # A row that saw no key has l == 0 and acc == 0: output 0, lse = +inf (so the backward
+    # rebuilds p = exp(s - inf) = 0 for it).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = (O + b * stride_ob + h * stride_oh + m64 * stride_ot
+              + rows[:, None] * stride_ot + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    m64 = tl.cast(start_m, tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = start_m + rows < Tq
+    d_ok = offs_d < HEAD_DIM
+    o = _load_tile(O + b * stride_ob + h * stride_oh + m64 * stride_ot
+                   + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   m_ok, d_ok, True, BLOCK_D != HEAD_DIM).to(tl.float32)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + m64 * stride_dot
+                    + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    m_ok, d_ok, True, BLOCK_D != HEAD_DIM).to(tl.float32)
+    tl.store(Delta + tl.cast(bh, tl.int64) * Tq + start_m + rows, tl.sum(o * do, 1), mask=m_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    offs_n, lo, hi, Tq, causal_off, qk_scale,
+    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Works on transposed tiles, (BLOCK_N, BLOCK_M), so dk/dv come out as (keys, D) directly.
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        m64 = tl.cast(start_m, tl.int64)
+        offs_m = start_m + rows
+        m_ok = offs_m < Tq
+        # Rows past Tq load q = dO = delta = 0 and lse = +inf, so their p and ds are exactly
+        # 0: no extra mask is needed for the last partial query block.
+        qT_ptrs = Q_head + m64 * stride_qt + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd
+        qT = _load_tile(qT_ptrs, d_ok, m_ok, BLOCK_D != HEAD_DIM, True)
+        lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
+        if MASKED:
+            sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        do_ptrs = DO_head + m64 * stride_dot + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        do = _load_tile(do_ptrs, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
+        delta = tl.load(Delta_head + offs_m, mask=m_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, HKV, GROUP, Tq, Tk, qk_scale, scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = tl.cast(bhk // HKV, tl.int64)
+    hk = tl.cast(bhk % HKV, tl.int64)
+    n64 = tl.cast(start_n, tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = start_n + cols
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    # Keys past Tk load as 0; their dk/dv rows are garbage-free of other rows and not stored.
+    k = _load_tile(K + b * stride_kb + hk * stride_kh + n64 * stride_kt
+                   + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                   n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh + n64 * stride_vt
+                   + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                   n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query blocks [lo, mid) cross the diagonal for this key block and need the causal mask;
+    # [mid, Tq) see it in full.  Query i sees key j iff i >= j - causal_off, so the first
+    # query that sees any key of the block is start_n - causal_off and the first that sees
+    # all of them is start_n + BLOCK_N - 1 - causal_off (clamped at 0 before dividing).
+    causal_off = Tk - Tq
+    if CAUSAL:
+        lo = tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M, Tq)
+    else:
+        lo = 0
+        mid = 0
+    # The group's query heads are summed here, in a fixed order: no atomics across programs.
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        Q_head = Q + b * stride_qb + h * stride_qh
+        DO_head = DO + b * stride_dob + h * stride_doh
+        LSE_head = LSE + bh * Tq
+        Delta_head = Delta + bh * Tq
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+                             stride_qt, stride_qd, stride_dot, stride_dod,
+                             offs_n, lo, mid, Tq, causal_off, qk_scale,
+                             True, HEAD_DIM, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+                             stride_qt, stride_qd, stride_dot, stride_dod,
+                             offs_n, mid, Tq, Tq, causal_off, qk_scale,
+                             False, HEAD_DIM, BLOCK_M, BLOCK_D)
+
+    # ds was formed from unscaled scores' softmax; the chain rule through s = scale * q k^T
+    # puts one factor of scale on dk (and on dq).
+    dk = dk * scale
+    st_mask = n_ok[:, None] & d_ok[None, :]
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + n64 * stride_dkt
+             + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + n64 * stride_dvt
+             + cols[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, K_head, V_head,
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    offs_m, lo, hi, Tk, causal_off, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        n64 = tl.cast(start_n, tl.int64)
+        n_ok = start_n + offs_n < Tk
+        kT = _load_tile(K_head + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
+        vT = _load_tile(V_head + n64 * stride_vt + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
+                        d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
+        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (start_n + offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, vT, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, GROUP, Tq, Tk, qk_scale, scale,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    hk = h // GROUP
+    m64 = tl.cast(start_m, tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + m64 * stride_qt
+                   + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + m64 * stride_dot
+                    + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                    m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    # Rows past Tq get lse = +inf, hence p = 0: they stay finite and are not stored.
+    lse = tl.load(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + tl.cast(bh, tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
+    K_head = K + b * stride_kb + hk * stride_kh
+    V_head = V + b * stride_vb + hk * stride_vh
+
+    causal_off = Tk - Tq
+    mid, hi = _key_range(start_m, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, K_head, V_head,
+                   stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, 0, mid, Tk, causal_off, qk_scale,
+                   False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+    dq = _dq_inner(dq, q, do, lse, delta, K_head, V_head,
+                   stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, mid, hi, Tk, causal_off, qk_scale,
+                   True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqt
+             + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------
+
+
+def _block_d(head_dim):
+    # tl.dot needs every dim >= 16.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _on_gpu(t):
+    # Anything not on a GPU can only run under TRITON_INTERPRET=1.
+    return t.device.type == "cuda"
+
+
+def _fwd_config(q, causal):
+    if not _on_gpu(q):
+        return _INTERPRET_FWD
+    return _FWD_CONFIGS[(_block_d(q.shape[-1]), causal, q.dtype)]
+
+
+def _bwd_configs(q, causal):
+    if not _on_gpu(q):
+        return _INTERPRET_BWD
+    return _BWD_CONFIGS[(_block_d(q.shape[-1]), causal, q.dtype)]
+
+
+def _check_shapes(q, k, v):
+    assert q.dim() == 4 and k.dim() == 4 and k.shape == v.shape
+    assert q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+    assert q.shape[1] % k.shape[1] == 0
+    assert q.dtype == k.dtype == v.dtype
+    assert q.shape[2] >= 1 and k.shape[2] >= 1
+
+
+def attention_fwd(q, k, v, causal: bool, scale: float):
+    """Forward attention: (o, lse).
+
+    o is a new contiguous (B, Hq, Tq, D) tensor in q.dtype; lse is the fp32 (B, Hq, Tq)
+    natural-log log-sum-exp of each row's scaled, masked scores (+inf for a row that sees
+    no key).  q/k/v may have any strides.
+    """
+    _check_shapes(q, k, v)
+    B, H, Tq, D = q.shape
+    HKV, Tk = k.shape[1], k.shape[2]
+    o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    block_m, block_n, num_warps, num_stages = _fwd_config(q, causal)
+    grid = (triton.cdiv(Tq, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, H // HKV, Tq, Tk, scale * _LOG2E,
+        CAUSAL=causal, HEAD_DIM=D,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    """Gradients of attention_fwd: (dq, dk, dv), new contiguous tensors shaped and typed like q, k, v.
+
+    o and lse are attention_fwd's outputs; do may have any strides.  dk/dv of a kv head
+    shared by several query heads (GQA/MQA) are the sums over those heads.
+    """
+    _check_shapes(q, k, v)
+    assert do.shape == q.shape and o.shape == q.shape
+    B, H, Tq, D = q.shape
+    HKV, Tk = k.shape[1], k.shape[2]
+    dev = q.device
+    lse = lse.contiguous()
+    block_d = _block_d(D)
+
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, _DELTA_BLOCK_M), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq,
+        HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+    )
+
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, HKV, Tk, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, HKV, Tk, D), dtype=v.dtype, device=dev)
+    (m1, n1, w1, s1), (m2, n2, w2, s2) = _bwd_configs(q, causal)
+    qk_scale = scale * _LOG2E
+
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, n1), B * HKV)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, HKV, H // HKV, Tq, Tk, qk_scale, scale,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, BLOCK_D=block_d,
+        num_warps=w1, num_stages=s1,
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(Tq, m2), B * H)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, H // HKV, Tq, Tk, qk_scale, scale,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m2, BLOCK_N=n2, BLOCK_D=block_d,
+        num_warps=w2, num_stages=s2,
+    )
+    return dq, dk, dv

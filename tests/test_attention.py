@@ -1,0 +1,203 @@
+"""Attention: every backend that can run, against the float64 reference."""
+import math
+
+import pytest
+import torch
+
+import fastcore
+from fastcore import reference
+from fastcore.reference.attention import causal_keep
+from conftest import HAS_GPU, assert_close, device_backends
+
+# (batch, q heads, kv heads, Tq, Tk, head dim, causal). Lengths off every block size, GQA, MQA,
+# Tq < Tk and Tq > Tk (whose first queries see no key when causal), single tokens.
+CASES = [
+    (1, 2, 2, 17, 17, 32, False),
+    (1, 2, 2, 17, 17, 32, True),
+    (2, 4, 2, 100, 100, 64, True),    # GQA
+    (1, 4, 1, 33, 57, 16, True),      # MQA, Tq < Tk
+    (1, 2, 1, 40, 17, 64, True),      # Tq > Tk: 23 queries see nothing
+    (1, 2, 2, 1, 1, 16, True),
+    (1, 2, 2, 1, 100, 32, False),
+    (1, 1, 1, 257, 257, 16, True),
+    (2, 2, 2, 100, 37, 128, False),
+]
+# The Triton interpreter runs a few programs per second: a subset of the shapes above.
+INTERPRETER_CASES = [CASES[i] for i in (1, 3, 4, 5)] + [(1, 2, 1, 20, 33, 32, False)]
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+
+
+def _pairs(cases):
+    out = []
+    for device, backend in device_backends("attention"):
+        chosen = INTERPRETER_CASES if (backend == "triton" and device == "cpu") else cases
+        out += [(device, backend, c) for c in chosen]
+    return out
+
+
+def make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout="contiguous"):
+    def one(h, t):
+        if layout == "transposed":  # a (B, T, H, D) projection viewed as (B, H, T, D)
+            return torch.randn(b, t, h, d, device=device).to(dtype).transpose(1, 2)
+        return torch.randn(b, h, t, d, device=device).to(dtype)
+    return [one(hq, tq).requires_grad_(), one(hkv, tk).requires_grad_(), one(hkv, tk).requires_grad_()]
+
+
+def check(device, backend, case, dtype=torch.float32, layout="contiguous", scale=None):
+    b, hq, hkv, tq, tk, d, causal = case
+    q, k, v = make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout)
+    out = fastcore.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, causal=causal, scale=scale)
+    rq, rk, rv = torch.autograd.grad(ref, leaves, do.double())
+    what = f"{backend} {case} {dtype}"
+    assert_close(out, ref, dtype, f"{what} out")
+    for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert got.shape == want.shape and got.dtype == dtype, f"{what} {name}: shape or dtype"
+        assert_close(got, want, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("device,backend,case", _pairs(CASES))
+def test_matches_reference(device, backend, case):
+    check(device, backend, case)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims(device, backend, d):
+    check(device, backend, (1, 2, 1, 19, 23, d, True))
+
+
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(device, backend, dtype):
+    check(device, backend, (1, 4, 2, 37, 37, 64, True), dtype)
+    check(device, backend, (1, 2, 2, 20, 45, 32, False), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+def test_non_contiguous_inputs_and_custom_scale(device, backend):
+    check(device, backend, (2, 4, 2, 21, 21, 32, True), layout="transposed")
+    check(device, backend, (1, 2, 2, 18, 30, 64, False), scale=0.3)
+
+
+def test_reference_against_the_definition():
+    """The reference itself, element by element, for a bottom-right causal mask with Tq > Tk."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16)
+    out = reference.attention(q, k, v, causal=True)
+    for h in range(2):
+        for i in range(5):
+            seen = [j for j in range(3) if j <= i + (3 - 5)]
+            if not seen:
+                assert out[0, h, i].abs().max() == 0
+                continue
+            s = torch.tensor([q[0, h, i].double() @ k[0, 0, j].double() / 4.0 for j in seen])
+            p = torch.softmax(s, 0)
+            want = sum(p[n] * v[0, 0, j].double() for n, j in enumerate(seen))
+            assert torch.allclose(out[0, h, i].double(), want, atol=1e-6)
+    assert causal_keep(3, 3).equal(torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_fully_masked_rows_have_zero_finite_gradients():
+    q, k, v = make_qkv(1, 2, 2, 6, 2, 16, torch.float32, "cpu")
+    out = fastcore.attention(q, k, v, causal=True)
+    out.sum().backward()
+    assert out[:, :, :4].abs().max() == 0 and torch.isfinite(q.grad).all()
+    assert q.grad[:, :, :4].abs().max() == 0
+
+
+def test_gradcheck_float64_cpu():
+    q, k, v = (t.double().detach().requires_grad_() for t in make_qkv(1, 2, 1, 5, 7, 16, torch.float32, "cpu"))
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(lambda a, b, c: fastcore.attention(a, b, c, causal=causal, backend="cpu"),
+                                        (q, k, v))
+
+
+def test_auto_and_availability():
+    assert fastcore.available_backends("attention", "cpu")[0] == "cpu"
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 16, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="no CUDA C.. attention kernel yet"):
+        fastcore.attention(q, k, v, backend="cuda")
+    # The cpu backend delegates to PyTorch's SDPA: it needs no compiler.
+    assert fastcore.backends.why_unavailable("cpu", "cpu", op="attention") is None
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(1, 4, 2, 9, 13, 32, torch.float32, "cpu")
+    fn = torch.compile(lambda a, b, c: fastcore.attention(a, b, c, causal=True), fullgraph=True, backend="eager")
+    assert_close(fn(q, k, v), reference.attention(q, k, v, causal=True), torch.float32, "compiled")
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(k=torch.randn(1, 2, 8, 32), v=torch.randn(1, 2, 8, 32)), ValueError, "same head dim"),
+    (dict(q=torch.randn(1, 3, 8, 16)), ValueError, r"q's heads \(3\) must be a multiple of k/v's heads \(2\)"),
+    (dict(q=torch.randn(2, 8, 16)), ValueError, "q must be 4-D"),
+    (dict(v=torch.randn(1, 2, 9, 16)), ValueError, "k and v must have the same shape"),
+    (dict(q=torch.randn(1, 2, 8, 48), k=torch.randn(1, 2, 8, 48), v=torch.randn(1, 2, 8, 48)), ValueError,
+     r"head dim must be one of \(16, 32, 64, 80, 96, 128, 256\), got 48"),
+    (dict(k=torch.randn(1, 2, 8, 16, dtype=torch.float64)), TypeError, "share one dtype"),
+    (dict(k=torch.randn(1, 2, 9, 16)), ValueError, "k and v must have the same shape"),
+    (dict(q=torch.randn(2, 2, 8, 16)), ValueError, "same batch size"),
+    (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.int32)), TypeError, "floating-point dtype"),
+    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
+    (dict(scale=math.inf), ValueError, "scale must be a finite number > 0"),
+    (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = dict(q=torch.randn(1, 2, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16))
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=match):
+        fastcore.attention(q, k, v, **args)
+
+
+# ---------------------------------------------------------------- the module
+def test_causal_self_attention_module():
+    torch.manual_seed(0)
+    m = fastcore.nn.CausalSelfAttention(64, 4, 2)
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    y = m(x)
+    q, k, v = m.qkv(x).split([64, 32, 32], dim=-1)
+    q, k, v = (z.view(2, 11, -1, 16).transpose(1, 2) for z in (q, k, v))
+    want = m.proj(reference.attention(q, k, v, causal=True).transpose(1, 2).reshape(2, 11, 64))
+    assert_close(y, want, torch.float32, "module")
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and m.qkv.weight.grad.abs().sum() > 0
+    assert set(m.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    # Causal: the first position's output ignores later tokens.
+    x2 = x.detach().clone()
+    x2[:, 5:] = torch.randn(2, 6, 64)
+    assert torch.allclose(m(x2)[:, :5], y[:, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize("args,match", [((64, 5), "multiple of n_heads"), ((64, 4, 3), "multiple of n_kv_heads")])
+def test_module_rejects_bad_shapes(args, match):
+    with pytest.raises(ValueError, match=match):
+        fastcore.nn.CausalSelfAttention(*args)
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_long_sequence_bf16(causal):
+    check("cuda", "triton", (1, 4, 2, 8192, 8192, 64, causal), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_grows_linearly():
+    peaks = []
+    for t in (4096, 8192):
+        q, k, v = make_qkv(1, 8, 8, t, t, 64, torch.bfloat16, "cuda")
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fastcore.attention(q, k, v, causal=True, backend="triton").sum().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+    assert peaks[1] < 2.5 * peaks[0], f"extra memory {peaks} grows faster than linearly in T"
