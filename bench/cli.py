@@ -150,7 +150,7 @@ def baseline_main(argv: list[str]) -> int:
               f"{n['op']} {n['case']} {n['provider']}: drop {n['drop_pct']}%")
     _write_json(data, args.out)
     for row in data["results"]:
-        print(f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['speedup']:>7.2f}x  "
+        print(f"{row['op']:<11}{row['case']:<36}{row['provider']:<18}{row['speedup']:>7.2f}x  "
               f"drop {row['drop_pct']:>5.1f}%  margin {row['margin_pct']:.0f}%")
     print(f"wrote {args.out}")
     return 0

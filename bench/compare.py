@@ -137,11 +137,11 @@ def failed(entries: list[Entry]) -> list[Entry]:
 
 
 def table(entries: list[Entry]) -> str:
-    lines = [f"{'op':<11}{'case':<28}{'provider':<16}{'baseline':>9}{'current':>9}{'change':>9}{'margin':>8}  status"]
+    lines = [f"{'op':<11}{'case':<36}{'provider':<18}{'baseline':>9}{'current':>9}{'change':>9}{'margin':>8}  status"]
     for e in entries:
         fmt = lambda s: "-" if s is None else f"{s:.2f}x"  # noqa: E731
         change = "-" if e.change_pct is None else f"{e.change_pct:+.1f}%"
-        lines.append(f"{e.key[0]:<11}{e.key[2]:<28}{e.key[1]:<16}{fmt(e.baseline):>9}{fmt(e.current):>9}"
+        lines.append(f"{e.key[0]:<11}{e.key[2]:<36}{e.key[1]:<18}{fmt(e.baseline):>9}{fmt(e.current):>9}"
                      f"{change:>9}{e.margin_pct:>7.0f}%  {e.status.upper() if e.status != 'ok' else 'ok'}")
     return "\n".join(lines)
 

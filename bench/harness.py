@@ -27,7 +27,7 @@ MODES = ("fwd", "bwd", "fwd+bwd", "step")
 MIN_REPEATS = 15
 CPU_PASSES = 5
 # Each module registers its benchmarks on import; later ops append theirs here.
-BENCH_MODULES = ("fastcore.bench.bench_norm",)
+BENCH_MODULES = ("fastcore.bench.bench_norm", "fastcore.bench.bench_attention")
 EAGER = "torch"  # the provider every fastcore speedup is measured against
 RESULTS_FORMAT = 1  # bump when the results file changes shape
 
@@ -223,7 +223,7 @@ def copy_bandwidth(device: str) -> float:
 
 def matmul_rate(device: str) -> float:
     """TFLOP/s of a large matmul in the compute dtype attention uses: the compute floor."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     step = lambda: a @ b  # noqa: E731

@@ -6,18 +6,18 @@ from pathlib import Path
 
 from fastcore.bench.harness import EAGER, MODES, fmt_bytes
 
-HEADER = (f"{'op':<11}{'case':<28}{'provider':<16}{'median ms':>10}{'iqr':>8}{'rate':>14}"
+HEADER = (f"{'op':<11}{'case':<36}{'provider':<18}{'median ms':>10}{'iqr':>8}{'rate':>14}"
           f"{'floor':>7}{'peak mem':>11}{'speedup':>9}")
 
 
 def rate(row: dict) -> str:
-    return f"{row['tflops']:.1f} TFLOP/s" if "tflops" in row else f"{row['gbps']:.1f} GB/s"
+    return f"{row['tflops']:.3g} TFLOP/s" if "tflops" in row else f"{row['gbps']:.1f} GB/s"
 
 
 def console_line(row: dict) -> str:
     speedup = f"{row['speedup']:.2f}x" if "speedup" in row else ""
     floor = f"{row['floor_frac']:.0%}" if "floor_frac" in row else "-"
-    return (f"{row['op']:<11}{row['case']:<28}{row['provider']:<16}{row['median_ms']:>10.3f}{row['iqr_ms']:>8.3f}"
+    return (f"{row['op']:<11}{row['case']:<36}{row['provider']:<18}{row['median_ms']:>10.3f}{row['iqr_ms']:>8.3f}"
             f"{rate(row):>14}{floor:>7}{fmt_bytes(row.get('peak_mem_bytes')):>11}{speedup:>9}")
 
 
