@@ -22,7 +22,6 @@ CPU_DELEGATES: dict[str, str] = {"attention": "torch.nn.functional.scaled_dot_pr
 # (op, backend) pairs that exist by name but have no kernel yet, with the reason.
 NOT_YET: dict[tuple[str, str], str] = {
     ("attention", "cuda"): "fastcore has no CUDA C++ attention kernel yet; backend='triton' (auto's choice on GPU) runs it",
-    ("attention", "triton"): "the Triton attention kernels are not in yet",
 }
 
 # Input dtypes each backend computes; the reference takes any floating dtype.

@@ -103,12 +103,23 @@ def _load_tile(ptrs, r_ok, c_ok, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    # fp32 accumulation always; fp32 operands in true fp32 ("ieee": never tf32).  DOT_F32
+    # widens 16-bit operands first, which is exact; it is only set under the interpreter,
+    # whose dot multiplies bf16 tensors as their raw uint16 bits.
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, K_head, V_head,
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, lo, hi, Tk, causal_off, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -119,7 +130,7 @@ def _fwd_inner(
         # k is read transposed, (D, BLOCK_N), so q @ kT needs no register shuffle.
         kT_ptrs = K_head + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
         kT = _load_tile(kT_ptrs, d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        s = _mma(q, kT, None, DOT_F32) * qk_scale
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -134,7 +145,7 @@ def _fwd_inner(
         v_ptrs = V_head + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
         v = _load_tile(v_ptrs, n_ok, d_ok, MASKED, BLOCK_D != HEAD_DIM)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        acc = _mma(p.to(v.dtype), v, acc, DOT_F32)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -166,6 +177,7 @@ def _attn_fwd_kernel(
     H, GROUP, Tq, Tk, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -194,11 +206,11 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
                                stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, 0, mid, Tk, causal_off, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
                                stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, mid, hi, Tk, causal_off, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
 
     # A row that saw no key has l == 0 and acc == 0: output 0, lse = +inf (so the backward
     # rebuilds p = exp(s - inf) = 0 for it).
@@ -244,7 +256,7 @@ def _dkdv_inner(
     stride_qt, stride_qd, stride_dot, stride_dod,
     offs_n, lo, hi, Tq, causal_off, qk_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # Works on transposed tiles, (BLOCK_N, BLOCK_M), so dk/dv come out as (keys, D) directly.
     rows = tl.arange(0, BLOCK_M)
@@ -259,17 +271,17 @@ def _dkdv_inner(
         qT_ptrs = Q_head + m64 * stride_qt + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd
         qT = _load_tile(qT_ptrs, d_ok, m_ok, BLOCK_D != HEAD_DIM, True)
         lse = tl.load(LSE_head + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        sT = tl.dot(k, qT, input_precision="ieee") * qk_scale
+        sT = _mma(k, qT, None, DOT_F32) * qk_scale
         if MASKED:
             sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
         pT = tl.exp2(sT - lse[None, :])
         do_ptrs = DO_head + m64 * stride_dot + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod
         do = _load_tile(do_ptrs, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")
+        dv = _mma(pT.to(do.dtype), do, dv, DOT_F32)
         delta = tl.load(Delta_head + offs_m, mask=m_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dpT = _mma(v, tl.trans(do), None, DOT_F32)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision="ieee")
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_F32)
     return dk, dv
 
 
@@ -285,6 +297,7 @@ def _attn_bwd_dkdv_kernel(
     H, HKV, GROUP, Tq, Tk, qk_scale, scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -296,7 +309,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < Tk
     d_ok = offs_d < HEAD_DIM
-    # Keys past Tk load as 0; their dk/dv rows are garbage-free of other rows and not stored.
+    # Keys past Tk load as 0.  Their dk/dv rows may hold junk, but each row only depends on
+    # its own key, and they are never stored.
     k = _load_tile(K + b * stride_kb + hk * stride_kh + n64 * stride_kt
                    + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                    n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
@@ -328,11 +342,11 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, lo, mid, Tq, causal_off, qk_scale,
-                             True, HEAD_DIM, BLOCK_M, BLOCK_D)
+                             True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
                              offs_n, mid, Tq, Tq, causal_off, qk_scale,
-                             False, HEAD_DIM, BLOCK_M, BLOCK_D)
+                             False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32)
 
     # ds was formed from unscaled scores' softmax; the chain rule through s = scale * q k^T
     # puts one factor of scale on dk (and on dq).
@@ -352,7 +366,7 @@ def _dq_inner(
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, lo, hi, Tk, causal_off, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -364,16 +378,16 @@ def _dq_inner(
                         d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
         vT = _load_tile(V_head + n64 * stride_vt + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
                         d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
-        s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+        s = _mma(q, kT, None, DOT_F32) * qk_scale
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (start_n + offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision="ieee")
+        dp = _mma(do, vT, None, DOT_F32)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision="ieee")
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_F32)
     return dq
 
 
@@ -388,6 +402,7 @@ def _attn_bwd_dq_kernel(
     H, GROUP, Tq, Tk, qk_scale, scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -418,11 +433,11 @@ def _attn_bwd_dq_kernel(
     dq = _dq_inner(dq, q, do, lse, delta, K_head, V_head,
                    stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_m, 0, mid, Tk, causal_off, qk_scale,
-                   False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+                   False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
     dq = _dq_inner(dq, q, do, lse, delta, K_head, V_head,
                    stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_m, mid, hi, Tk, causal_off, qk_scale,
-                   True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D)
+                   True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqt
              + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
@@ -442,6 +457,11 @@ def _block_d(head_dim):
 def _on_gpu(t):
     # Anything not on a GPU can only run under TRITON_INTERPRET=1.
     return t.device.type == "cuda"
+
+
+def _dot_f32(q):
+    # See _mma: a workaround for the interpreter's bf16 dot, a no-op on GPUs.
+    return not _on_gpu(q) and q.dtype == torch.bfloat16
 
 
 def _fwd_config(q, causal):
@@ -483,7 +503,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // HKV, Tq, Tk, scale * _LOG2E,
         CAUSAL=causal, HEAD_DIM=D,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), DOT_F32=_dot_f32(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
@@ -519,14 +539,14 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Tq, Tk, qk_scale, scale,
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, BLOCK_D=block_d,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, BLOCK_D=block_d, DOT_F32=_dot_f32(q),
         num_warps=w1, num_stages=s1,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(Tq, m2), B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, Tq, Tk, qk_scale, scale,
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m2, BLOCK_N=n2, BLOCK_D=block_d,
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m2, BLOCK_N=n2, BLOCK_D=block_d, DOT_F32=_dot_f32(q),
         num_warps=w2, num_stages=s2,
     )
     return dq, dk, dv

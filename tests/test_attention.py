@@ -201,3 +201,23 @@ def test_gpu_memory_grows_linearly():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - before)
     assert peaks[1] < 2.5 * peaks[0], f"extra memory {peaks} grows faster than linearly in T"
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_triton_backward_is_deterministic(device, backend):
+    q, k, v = make_qkv(1, 4, 1, 37, 45, 32, torch.float32, device)   # MQA: four heads sum into one dk/dv
+    do = torch.randn(1, 4, 37, 32, device=device)
+    runs = [torch.autograd.grad(fastcore.attention(q, k, v, causal=True, backend=backend), (q, k, v), do)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_triton_custom_op_under_compile_and_opcheck(device, backend):
+    q, k, v = make_qkv(1, 2, 1, 9, 13, 16, torch.float32, device)
+    fn = torch.compile(lambda a, b, c: fastcore.attention(a, b, c, causal=True, backend=backend), fullgraph=True,
+                       backend="eager")
+    assert_close(fn(q, k, v), reference.attention(q, k, v, causal=True), torch.float32, "compiled triton")
+    torch.library.opcheck(torch.ops.fastcore.attention_fwd.default, (q, k, v, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
