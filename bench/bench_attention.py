@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcore
-from fastcore.bench.harness import Benchmark, Case, attention_flops, register
+from fastcore.bench.harness import Benchmark, Case, attention_flops, peer, register
 
 TOKENS, HIDDEN = 16384, 2048  # batch x length and heads x head_dim, as in FlashAttention's benchmarks
 GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -71,15 +71,14 @@ def _math(q, k, v, causal):
 def _flash_attn(device):
     if device != "cuda":
         return "flash-attn runs on GPU only"
-    try:
+
+    def load():
         from flash_attn import flash_attn_func
-    except ImportError:
-        return "flash-attn is not installed"
-    except Exception as exc:  # a build for another torch/CUDA fails in other ways
-        return f"flash-attn does not import: {type(exc).__name__}: {exc}"
-    # flash-attn takes (B, T, H, D): transposed views of the same tensors.
-    return lambda q, k, v, causal: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   causal=causal).transpose(1, 2)
+
+        # flash-attn takes (B, T, H, D): transposed views of the same tensors.
+        return lambda q, k, v, causal: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       causal=causal).transpose(1, 2)
+    return peer("flash-attn", load)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcore
-from fastcore.bench.harness import Benchmark, Case, register
+from fastcore.bench.harness import Benchmark, Case, peer, register
 
 ROWS = 4096
 HIDDEN = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -65,21 +65,21 @@ def _torch_fused(op, device):
 def _apex(op, device):
     if device != "cuda":
         return "apex's fused norms run on GPU only"
-    try:
+
+    def load():
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
-    except ImportError:
-        return "apex is not installed"
-    except Exception as exc:  # a build for another torch/CUDA fails in other ways
-        return f"apex does not import: {type(exc).__name__}: {exc}"
-    if op == "layer_norm":
-        return lambda x, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), EPS)
-    return lambda x, w, b: fused_rms_norm_affine(x, w, (x.shape[-1],), EPS)
+
+        if op == "layer_norm":
+            return lambda x, w, b: fused_layer_norm_affine(x, w, b, (x.shape[-1],), EPS)
+        return lambda x, w, b: fused_rms_norm_affine(x, w, (x.shape[-1],), EPS)
+    return peer("apex", load)
 
 
 def _liger(op, device):
     if device != "cuda":
         return "liger-kernel runs on GPU only"
-    try:
+
+    def load():
         if op == "layer_norm":
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction as Fn
 
@@ -88,10 +88,7 @@ def _liger(op, device):
 
         # offset 0, casting mode "llama", and not in place: in place would overwrite the shared dy.
         return lambda x, w, b: Fn.apply(x, w, EPS, 0.0, "llama", False)
-    except ImportError:
-        return "liger-kernel is not installed"
-    except Exception as exc:
-        return f"liger-kernel does not import: {type(exc).__name__}: {exc}"
+    return peer("liger-kernel", load)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

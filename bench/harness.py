@@ -63,6 +63,17 @@ class Benchmark:
     size_name: str = "size"
 
 
+def peer(name: str, load: Callable[[], Callable]) -> Callable | str:
+    """A peer library's provider from ``load()``, or why it cannot run: not installed, or a build
+    for another torch/CUDA that fails to import in some other way."""
+    try:
+        return load()
+    except ImportError:
+        return f"{name} is not installed"
+    except Exception as exc:
+        return f"{name} does not import: {type(exc).__name__}: {exc}"
+
+
 _REGISTRY: dict[str, Benchmark] = {}
 
 

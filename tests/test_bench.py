@@ -571,3 +571,15 @@ def test_gate_falls_back_to_the_nearest_machine_class(toy_run, tmp_path, capsys)
     code, out = _gate(capsys, tmp_path / "baselines", cur)
     assert "using the nearest machine class, cpu-amd-epyc-2core" in out
     assert code == 1 and "REGRESSED" in out
+
+
+def test_peer_libraries_that_fail_become_skip_reasons():
+    assert harness.peer("lib", lambda: len) is len
+
+    def missing():
+        import no_such_module_here  # noqa: F401
+
+    def broken():
+        raise OSError("undefined symbol: _ZN3c10")
+    assert harness.peer("lib", missing) == "lib is not installed"
+    assert harness.peer("lib", broken) == "lib does not import: OSError: undefined symbol: _ZN3c10"
