@@ -68,9 +68,11 @@ def peer(name: str, load: Callable[[], Callable]) -> Callable | str:
     for another torch/CUDA that fails to import in some other way."""
     try:
         return load()
-    except ImportError:
-        return f"{name} is not installed"
-    except Exception as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name and "." not in exc.name and exc.name.replace("_", "-") in name.replace("_", "-"):
+            return f"{name} is not installed"
+        return f"{name} does not import: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # e.g. ImportError: undefined symbol, from a build for another torch
         return f"{name} does not import: {type(exc).__name__}: {exc}"
 
 

@@ -10,7 +10,7 @@ Causal masking is bottom-right aligned, as in FlashAttention: query i may see ke
 j <= i + (Tk - Tq).  With Tq > Tk the first Tq - Tk queries see nothing; they output 0, get
 lse = +inf and receive zero gradients.
 
-Forward (grid: query blocks x B*Hq)
+Forward (grid: B*Hq x query blocks; batch x heads on axis 0, whose limit is 2^31 - 1, not 65535)
     A program keeps its (BLOCK_M, D) block of q in registers and streams k/v blocks through
     the online softmax: with s the scaled scores of a key block,
         m' = max(m, rowmax(s)),  alpha = 2^(m - m'),  p = 2^(s - m')
@@ -27,9 +27,9 @@ Backward
     With p = exp(s - lse), dp = dO v^T and delta = rowsum(O * dO) (= rowsum(p * dp)):
         dv = p^T dO,   ds = p * (dp - delta),   dk = scale * ds^T q,   dq = scale * ds k.
     1. a small kernel computes delta (fp32, (B, Hq, Tq));
-    2. dK/dV (grid: key blocks x B*Hkv): a program holds its k/v block and accumulates dk/dv
+    2. dK/dV (grid: B*Hkv x key blocks): a program holds its k/v block and accumulates dk/dv
        over every query head of its GQA group and every query block that can see it;
-    3. dQ (grid: query blocks x B*Hq): a program holds q/dO and loops over key blocks.
+    3. dQ (grid: B*Hq x query blocks): a program holds q/dO and loops over key blocks.
     Each output element is owned by exactly one program, so there are no atomics and the
     gradients are bit-for-bit reproducible.  p is recomputed twice (in 2 and 3): the price of
     dropping atomics.
@@ -179,8 +179,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    start_m = tl.program_id(1) * BLOCK_M
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
     hk = h // GROUP
@@ -232,8 +232,8 @@ def _attn_bwd_delta_kernel(
     H, Tq,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    start_m = tl.program_id(1) * BLOCK_M
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
     m64 = tl.cast(start_m, tl.int64)
@@ -299,8 +299,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     b = tl.cast(bhk // HKV, tl.int64)
     hk = tl.cast(bhk % HKV, tl.int64)
     n64 = tl.cast(start_n, tl.int64)
@@ -404,8 +404,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    start_m = tl.program_id(1) * BLOCK_M
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
     hk = h // GROUP
@@ -497,7 +497,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_m, block_n, num_warps, num_stages = _fwd_config(q, causal)
-    grid = (triton.cdiv(Tq, block_m), B * H)
+    grid = (B * H, triton.cdiv(Tq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -524,7 +524,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     block_d = _block_d(D)
 
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=dev)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, _DELTA_BLOCK_M), B * H)](
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(Tq, _DELTA_BLOCK_M))](
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
         HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )
@@ -535,14 +535,14 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     (m1, n1, w1, s1), (m2, n2, w2, s2) = _bwd_configs(q, causal)
     qk_scale = scale * _LOG2E
 
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, n1), B * HKV)](
+    _attn_bwd_dkdv_kernel[(B * HKV, triton.cdiv(Tk, n1))](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Tq, Tk, qk_scale, scale,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, BLOCK_D=block_d, DOT_F32=_dot_f32(q),
         num_warps=w1, num_stages=s1,
     )
-    _attn_bwd_dq_kernel[(triton.cdiv(Tq, m2), B * H)](
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(Tq, m2))](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, H // HKV, Tq, Tk, qk_scale, scale,

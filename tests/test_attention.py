@@ -102,12 +102,24 @@ def test_reference_against_the_definition():
     assert causal_keep(3, 3).equal(torch.ones(3, 3, dtype=torch.bool).tril())
 
 
-def test_fully_masked_rows_have_zero_finite_gradients():
-    q, k, v = make_qkv(1, 2, 2, 6, 2, 16, torch.float32, "cpu")
-    out = fastcore.attention(q, k, v, causal=True)
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+def test_fully_masked_rows_have_zero_finite_gradients(device, backend):
+    q, k, v = make_qkv(1, 2, 2, 6, 2, 16, torch.float32, device)
+    out = fastcore.attention(q, k, v, causal=True, backend=backend)
     out.sum().backward()
     assert out[:, :, :4].abs().max() == 0 and torch.isfinite(q.grad).all()
     assert q.grad[:, :, :4].abs().max() == 0
+
+
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+def test_stride_zero_output_gradient(device, backend):
+    """out.sum() hands the backward an expanded (stride-0) gradient; the kernels read it as is."""
+    q, k, v = make_qkv(1, 4, 2, 19, 23, 32, torch.float32, device)
+    fastcore.attention(q, k, v, causal=True, backend=backend).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference.attention(*leaves, causal=True).sum().backward()
+    for got, want in zip((q, k, v), leaves):
+        assert_close(got.grad, want.grad, torch.float32, f"{backend} stride-0 do")
 
 
 def test_gradcheck_float64_cpu():
@@ -115,6 +127,13 @@ def test_gradcheck_float64_cpu():
     for causal in (False, True):
         assert torch.autograd.gradcheck(lambda a, b, c: fastcore.attention(a, b, c, causal=causal, backend="cpu"),
                                         (q, k, v))
+
+
+def test_numpy_bool_causal():
+    import numpy as np
+
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16, torch.float32, "cpu")
+    assert torch.equal(fastcore.attention(q, k, v, causal=np.bool_(True)), fastcore.attention(q, k, v, causal=True))
 
 
 def test_auto_and_availability():
@@ -126,10 +145,19 @@ def test_auto_and_availability():
     assert fastcore.backends.why_unavailable("cpu", "cpu", op="attention") is None
 
 
-def test_torch_compile_fullgraph():
-    q, k, v = make_qkv(1, 4, 2, 9, 13, 32, torch.float32, "cpu")
-    fn = torch.compile(lambda a, b, c: fastcore.attention(a, b, c, causal=True), fullgraph=True, backend="eager")
-    assert_close(fn(q, k, v), reference.attention(q, k, v, causal=True), torch.float32, "compiled")
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+def test_torch_compile_fullgraph_with_backward(device, backend):
+    q, k, v = make_qkv(1, 4, 2, 9, 13, 32, torch.float32, device)
+    fn = torch.compile(lambda a, b, c: fastcore.attention(a, b, c, causal=True, backend=backend), fullgraph=True,
+                       backend="aot_eager")
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, causal=True)
+    want = torch.autograd.grad(ref.square().sum(), leaves)
+    assert_close(out, ref, torch.float32, "compiled")
+    for got, w in zip(grads, want):
+        assert_close(got, w, torch.float32, "compiled grad")
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
@@ -148,6 +176,10 @@ def test_torch_compile_fullgraph():
     (dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
     (dict(scale=math.inf), ValueError, "scale must be a finite number > 0"),
     (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
+    (dict(q=torch.randn(1, 2, 0, 16)), ValueError, "lengths must be >= 1, got Tq=0"),
+    (dict(k=torch.randn(1, 2, 0, 16), v=torch.randn(1, 2, 0, 16)), ValueError, "lengths must be >= 1"),
+    (dict(k=torch.randn(1, 0, 8, 16), v=torch.randn(1, 0, 8, 16)), ValueError, "must be a multiple of k/v's heads"),
+    (dict(k=torch.randn(1, 2, 8, 16, device="meta")), ValueError, "must be on one device"),
 ])
 def test_bad_input(kwargs, exc, match):
     args = dict(q=torch.randn(1, 2, 8, 16), k=torch.randn(1, 2, 8, 16), v=torch.randn(1, 2, 8, 16))
@@ -176,7 +208,8 @@ def test_causal_self_attention_module():
     assert torch.allclose(m(x2)[:, :5], y[:, :5], atol=1e-6)
 
 
-@pytest.mark.parametrize("args,match", [((64, 5), "multiple of n_heads"), ((64, 4, 3), "multiple of n_kv_heads")])
+@pytest.mark.parametrize("args,match", [((64, 5), "multiple of n_heads"), ((64, 4, 3), "multiple of n_kv_heads"),
+                                        ((512, 64), "head dim d_model / n_heads = 8 must be one of")])
 def test_module_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         fastcore.nn.CausalSelfAttention(*args)
@@ -205,6 +238,7 @@ def test_gpu_memory_grows_linearly():
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
 def test_triton_backward_is_deterministic(device, backend):
+    """Meaningful on a GPU, where thread scheduling varies; the interpreter is deterministic anyway."""
     q, k, v = make_qkv(1, 4, 1, 37, 45, 32, torch.float32, device)   # MQA: four heads sum into one dk/dv
     do = torch.randn(1, 4, 37, 32, device=device)
     runs = [torch.autograd.grad(fastcore.attention(q, k, v, causal=True, backend=backend), (q, k, v), do)
@@ -219,5 +253,10 @@ def test_triton_custom_op_under_compile_and_opcheck(device, backend):
     fn = torch.compile(lambda a, b, c: fastcore.attention(a, b, c, causal=True, backend=backend), fullgraph=True,
                        backend="eager")
     assert_close(fn(q, k, v), reference.attention(q, k, v, causal=True), torch.float32, "compiled triton")
-    torch.library.opcheck(torch.ops.fastcore.attention_fwd.default, (q, k, v, True, 0.25),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastcore.attention_fwd.default, (q, k, v, True, 0.25), test_utils=checks)
+    o, lse = torch.ops.fastcore.attention_fwd(q, k, v, True, 0.25)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.fastcore.attention_bwd.default,
+                          tuple(t.detach() for t in (do, q, k, v, o, lse)) + (True, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))

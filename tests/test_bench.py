@@ -581,5 +581,13 @@ def test_peer_libraries_that_fail_become_skip_reasons():
 
     def broken():
         raise OSError("undefined symbol: _ZN3c10")
-    assert harness.peer("lib", missing) == "lib is not installed"
+    def needs_other():
+        import no_such_dependency  # noqa: F401
+
+    def bad_build():
+        raise ImportError("libc10.so: undefined symbol: _ZN3c10")
+    assert harness.peer("no-such-module-here", missing) == "no-such-module-here is not installed"
+    # A peer that is installed but cannot import says so, rather than "not installed".
+    assert harness.peer("lib", needs_other).startswith("lib does not import: ModuleNotFoundError")
+    assert harness.peer("lib", bad_build) == "lib does not import: ImportError: libc10.so: undefined symbol: _ZN3c10"
     assert harness.peer("lib", broken) == "lib does not import: OSError: undefined symbol: _ZN3c10"

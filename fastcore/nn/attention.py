@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastcore.ops.attention import attention
+from fastcore.ops.attention import HEAD_DIMS, attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -24,6 +24,8 @@ class CausalSelfAttention(nn.Module):
         if n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ValueError(f"CausalSelfAttention: n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"CausalSelfAttention: head dim d_model / n_heads = {self.head_dim} must be one of {HEAD_DIMS}")
         self.backend = backend
         factory = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias, **factory)

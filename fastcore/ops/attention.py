@@ -10,6 +10,7 @@ import math
 import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,8 +31,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     ``h // (Hq // Hkv)``. ``scale`` defaults to ``1/sqrt(D)``. ``causal=True`` masks key ``j`` for
     query ``i`` when ``j > i + (Tk - Tq)``: aligned to the bottom-right as in FlashAttention, which
     equals SDPA's ``is_causal=True`` when ``Tq == Tk``. A query that sees no key outputs zeros.
+    Under ``torch.autocast`` the ``cpu`` backend follows SDPA's autocast rule; ``triton`` computes in
+    the dtype of its inputs.
     """
     _check_args(q, k, v, causal, scale)
+    causal = bool(causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend("attention", backend, q.device, q.dtype)
     if name == "reference":
@@ -65,8 +69,8 @@ def _check_args(q, k, v, causal, scale) -> None:
         raise ValueError(f"attention: q's heads ({q.shape[1]}) must be a multiple of k/v's heads ({k.shape[1]})")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention: lengths must be >= 1, got Tq={q.shape[2]} and Tk={k.shape[2]}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"attention: causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
@@ -129,7 +133,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastcore.attention_bwd(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)
+    # Any strides: the kernels take them (a .sum() gives a stride-0 do, which a copy would blow up).
+    dq, dk, dv = torch.ops.fastcore.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 
