@@ -103,6 +103,18 @@ def _load_tile(ptrs, r_ok, c_ok, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
 
 
 @triton.jit
+def _load_block(ptr, b, h, start, stride_b, stride_h, stride_t, stride_d, T,
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows start..start+BLOCK of head (b, h) of a (B, H, T, D) tensor; zeros past T and HEAD_DIM.
+    # The head base and the block start are int64, offsets inside the block int32.
+    rows = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = ptr + b * stride_b + h * stride_h + tl.cast(start, tl.int64) * stride_t
+    return _load_tile(base + rows[:, None] * stride_t + offs_d[None, :] * stride_d,
+                      start + rows < T, offs_d < HEAD_DIM, True, BLOCK_D != HEAD_DIM)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr):
     # fp32 accumulation always; fp32 operands in true fp32 ("ieee": never tf32).  DOT_F32
     # widens 16-bit operands first, which is exact; it is only set under the interpreter,
@@ -191,9 +203,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = (Q + b * stride_qb + h * stride_qh + m64 * stride_qt
-              + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd)
-    q = _load_tile(q_ptrs, m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     K_head = K + b * stride_kb + hk * stride_kh
     V_head = V + b * stride_vb + hk * stride_vh
 
@@ -236,17 +246,12 @@ def _attn_bwd_delta_kernel(
     start_m = tl.program_id(1) * BLOCK_M
     b = tl.cast(bh // H, tl.int64)
     h = tl.cast(bh % H, tl.int64)
-    m64 = tl.cast(start_m, tl.int64)
     rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = start_m + rows < Tq
-    d_ok = offs_d < HEAD_DIM
-    o = _load_tile(O + b * stride_ob + h * stride_oh + m64 * stride_ot
-                   + rows[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                   m_ok, d_ok, True, BLOCK_D != HEAD_DIM).to(tl.float32)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + m64 * stride_dot
-                    + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    m_ok, d_ok, True, BLOCK_D != HEAD_DIM).to(tl.float32)
+    o = _load_block(O, b, h, start_m, stride_ob, stride_oh, stride_ot, stride_od, Tq,
+                    HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
+    do = _load_block(DO, b, h, start_m, stride_dob, stride_doh, stride_dot, stride_dod, Tq,
+                     HEAD_DIM, BLOCK_M, BLOCK_D).to(tl.float32)
     tl.store(Delta + tl.cast(bh, tl.int64) * Tq + start_m + rows, tl.sum(o * do, 1), mask=m_ok)
 
 
@@ -311,12 +316,8 @@ def _attn_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     # Keys past Tk load as 0.  Their dk/dv rows may hold junk, but each row only depends on
     # its own key, and they are never stored.
-    k = _load_tile(K + b * stride_kb + hk * stride_kh + n64 * stride_kt
-                   + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                   n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh + n64 * stride_vt
-                   + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                   n_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    k = _load_block(K, b, hk, start_n, stride_kb, stride_kh, stride_kt, stride_kd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v = _load_block(V, b, hk, start_n, stride_vb, stride_vh, stride_vt, stride_vd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -415,12 +416,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + m64 * stride_qt
-                   + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                   m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + m64 * stride_dot
-                    + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                    m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
+    q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
+    do = _load_block(DO, b, h, start_m, stride_dob, stride_doh, stride_dot, stride_dod, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     # Rows past Tq get lse = +inf, hence p = 0: they stay finite and are not stored.
     lse = tl.load(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + tl.cast(bh, tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
