@@ -4,6 +4,7 @@
 #include <optional>
 #include <tuple>
 
+#include "binding_utils.h"
 #include "cpu/norm.h"
 
 #ifdef FASTCORE_WITH_CUDA
@@ -17,6 +18,11 @@ namespace {
 
 using Opt = std::optional<torch::Tensor>;
 using fastcore::cpu::acc_t;
+using fastcore::binding::dispatch_cpu;
+#ifdef FASTCORE_WITH_CUDA
+using fastcore::binding::check_cuda;
+using fastcore::binding::cuda_dtype;
+#endif
 
 void check_row_major(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must be 2-D (rows, hidden), got ", t.dim(), "-D");
@@ -36,36 +42,10 @@ const T* ptr_or_null(const Opt& t) {
   return t ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
-// Runs `fn` with the C++ element type of a CPU tensor.
-template <typename Fn>
-void dispatch_cpu(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kBFloat16: fn(fastcore::cpu::bf16{}); break;
-    case at::kHalf: fn(fastcore::cpu::f16{}); break;
-    default: TORCH_CHECK(false, "fastcore cpu norms support float32, float64, bfloat16 and float16, got ", st);
-  }
-}
-
 at::ScalarType stat_dtype(const torch::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-#ifdef FASTCORE_WITH_CUDA
-fastcore::cuda::DType cuda_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return fastcore::cuda::DType::f32;
-    case at::kHalf: return fastcore::cuda::DType::f16;
-    case at::kBFloat16: return fastcore::cuda::DType::bf16;
-    default: TORCH_CHECK(false, "fastcore cuda norms support float32, bfloat16 and float16, got ", st);
-  }
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
-#endif
 
 // Returns (y, mean, rstd); mean is empty for RMSNorm (centered == false).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_fwd(
@@ -80,7 +60,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_fwd(
   auto mean = torch::empty({centered ? M : 0}, stats), rstd = torch::empty({M}, stats);
   if (M == 0 || N == 0) return {y, mean, rstd};
   if (x.is_cpu()) {
-    dispatch_cpu(x.scalar_type(), [&](auto tag) {
+    dispatch_cpu(x.scalar_type(), "norms", [&](auto tag) {
       using T = decltype(tag);
       using A = acc_t<T>;
       fastcore::cpu::norm_fwd<T>(reinterpret_cast<const T*>(x.data_ptr()), x.stride(0),
@@ -94,7 +74,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_fwd(
   TORCH_CHECK(x.is_cuda(), "x must be a CPU or CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
-  const auto dt = cuda_dtype(x.scalar_type());
+  const auto dt = cuda_dtype(x.scalar_type(), "norms");
   const void* w = weight ? weight->data_ptr() : nullptr;
   if (centered) {
     check_cuda(fastcore::cuda::layer_norm_fwd(dt, x.data_ptr(), x.stride(0), w, bias ? bias->data_ptr() : nullptr,
@@ -131,7 +111,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_bwd(
   auto db = torch::zeros({(centered && has_bias) ? N : 0}, stats);
   if (M == 0 || N == 0) return {dx, dw, db};
   if (x.is_cpu()) {
-    dispatch_cpu(x.scalar_type(), [&](auto tag) {
+    dispatch_cpu(x.scalar_type(), "norms", [&](auto tag) {
       using T = decltype(tag);
       using A = acc_t<T>;
       fastcore::cpu::norm_bwd<T>(reinterpret_cast<const T*>(dy.data_ptr()), dy.stride(0),
@@ -146,7 +126,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_bwd(
   TORCH_CHECK(x.is_cuda(), "x must be a CPU or CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());
-  const auto dt = cuda_dtype(x.scalar_type());
+  const auto dt = cuda_dtype(x.scalar_type(), "norms");
   const bool want_db = db.numel() > 0;
   auto workspace = torch::empty({fastcore::cuda::norm_bwd_workspace_floats(M, N, weight.has_value(), want_db)},
                                 x.options().dtype(at::kFloat));
@@ -172,6 +152,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_bwd(
 
 }  // namespace
 
+void bind_adamw(py::module_& m);  // adamw_binding.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcore C++/CUDA kernels";
 #ifdef FASTCORE_WITH_CUDA
@@ -183,4 +165,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("centered"));
   m.def("norm_bwd", &norm_bwd, "LayerNorm (centered) / RMSNorm backward", py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("has_bias"), py::arg("centered"));
+  bind_adamw(m);
 }

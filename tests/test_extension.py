@@ -72,7 +72,7 @@ def _cuda_include():
 
 @pytest.mark.skipif(not HAS_CPP or _cuda_include() is None, reason="needs a C++ compiler and the CUDA headers")
 def test_cuda_binding_type_checks(tmp_path):
-    """Compile bindings.cpp with its CUDA branch enabled, against torch's headers, without linking.
+    """Compile the binding files with their CUDA branch enabled, against torch's headers, without linking.
 
     CPU wheels of torch ship c10/cuda headers but not the generated cuda_cmake_macros.h; a stub stands in.
     """
@@ -84,9 +84,10 @@ def test_cuda_binding_type_checks(tmp_path):
     cmd = [extension._compiler(), "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
            "-DFASTCORE_WITH_CUDA", "-DTORCH_EXTENSION_NAME=fastcore_C",
            f"-I{tmp_path}", f"-I{src}", f"-I{torch_inc}", f"-I{torch_inc / 'torch/csrc/api/include'}",
-           f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}", str(src / "bindings.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+           f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    for binding in sorted(src.glob("*.cpp")):  # bindings.cpp and one file per op's binding
+        proc = subprocess.run(cmd + [str(binding)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{binding.name}: {proc.stderr[-4000:]}"
 
 
 def test_cuda_backend_is_available_before_the_first_build(monkeypatch):

@@ -9,6 +9,8 @@
 // in place; 16-bit ones are staged by L1-sized tiles, then narrowed.
 #include "norm.h"
 
+#include "convert.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -21,63 +23,13 @@ namespace fastcore {
 namespace cpu {
 namespace {
 
-inline float to_acc(bf16 v) { return __builtin_bit_cast(float, uint32_t(v.bits) << 16); }
-
-inline float to_acc(f16 v) {
-  uint32_t sign = uint32_t(v.bits & 0x8000u) << 16, exp = (v.bits >> 10) & 0x1fu, man = v.bits & 0x3ffu, u;
-  if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    u = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    u = sign;
-  } else {  // subnormal half: renormalise
-    exp = 113;
-    while (!(man & 0x400u)) { man <<= 1; --exp; }
-    u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-
-template <typename T> inline T from_acc(acc_t<T> v);
-
-template <> inline f16 from_acc<f16>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  u &= 0x7fffffffu;
-  if (u > 0x7f800000u) return f16{uint16_t(sign | 0x7e00u)};
-  if (u >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00u)};  // rounds past 65504: inf
-  if (u >= 0x38800000u) {  // normal half: rebias the exponent, round to nearest even
-    const uint32_t h = ((u + 0xfffu + ((u >> 13) & 1u)) >> 13) - (112u << 10);
-    return f16{uint16_t(sign | h)};
-  }
-  if (u < 0x33000000u) return f16{sign};  // rounds to zero
-  // subnormal half: shift the implicit-one mantissa into place, round to nearest even
-  const uint32_t e = u >> 23, m = (u & 0x7fffffu) | 0x800000u, shift = 126u - e;
-  uint32_t h = m >> shift;
-  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-  if (rem > half || (rem == half && (h & 1u))) ++h;
-  return f16{uint16_t(sign | h)};
-}
-
 // Writes a finished tile of a 16-bit output row from the thread's L1 staging buffer.
 template <typename T>
 inline void store_row(T* dst, const acc_t<T>* src, int64_t N) {
   if constexpr (std::is_same_v<T, bf16>) {
-    // Round to nearest even, keeping NaN a NaN, without branches so the loop vectorises.
     uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      const uint32_t u = __builtin_bit_cast(uint32_t, src[j]);
-      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
-      bits[j] = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-    }
+    for (int64_t j = 0; j < N; ++j) bits[j] = bf16_bits(src[j]);
   } else {
     for (int64_t j = 0; j < N; ++j) dst[j] = from_acc<T>(src[j]);
   }

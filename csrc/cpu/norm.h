@@ -2,17 +2,10 @@
 #pragma once
 #include <cstdint>
 
+#include "types.h"
+
 namespace fastcore {
 namespace cpu {
-
-// 16-bit float storage; arithmetic always happens in float.
-struct bf16 { uint16_t bits; };
-struct f16 { uint16_t bits; };
-
-// Statistics, accumulators and dW/dB: double for double inputs, float otherwise.
-template <typename T> struct acc { using type = float; };
-template <> struct acc<double> { using type = double; };
-template <typename T> using acc_t = typename acc<T>::type;
 
 // y = (x - mean) * rstd * w + b over the last dim; `centered == false` is RMSNorm
 // (no mean, no bias; `mean` and `b` are ignored). w and b may be null.
