@@ -7,8 +7,10 @@ fastest that can run on the input's device.
 __version__ = "0.1.0"
 
 from fastcore.backends import BACKENDS, available_backends, resolve_backend
+from fastcore.ops.adamw import adamw_step
 from fastcore.ops.attention import attention
 from fastcore.ops.norm import layer_norm, rms_norm
-from fastcore import nn
+from fastcore import nn, optim
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "attention", "layer_norm", "rms_norm", "nn"]
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "adamw_step", "attention", "layer_norm", "rms_norm",
+           "nn", "optim"]

@@ -14,6 +14,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "layer_norm": BACKENDS,
     "rms_norm": BACKENDS,
     "attention": BACKENDS,
+    "adamw": BACKENDS,
 }
 
 # Ops whose `cpu` backend delegates to a PyTorch CPU kernel instead of the C++ extension.

@@ -1,5 +1,6 @@
 """Public functional ops: argument checks, backend dispatch, autograd and torch.compile registration."""
+from fastcore.ops.adamw import adamw_step
 from fastcore.ops.attention import attention
 from fastcore.ops.norm import layer_norm, rms_norm
 
-__all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ = ["adamw_step", "attention", "layer_norm", "rms_norm"]

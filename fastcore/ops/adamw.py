@@ -1,0 +1,236 @@
+"""Fused AdamW and Adam: one step over many tensors, one launch per (device, dtype) of parameters.
+
+:func:`adamw_step` is the functional form, in the shape of ``torch.optim.adamw.adamw``;
+:class:`fastcore.optim.FusedAdamW` calls it. Every backend reads the same launch tables:
+
+- ``meta``, int64 ``(n, 8)``: the addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+  (0 without amsgrad), the fp32 master copy (0 without), the float32 step count, then numel;
+- ``hparams``, float64 ``(n, 2)``: lr and weight_decay of each tensor, so that param groups with
+  their own values share a launch;
+- ``chunks``, int32 ``(c, 2)``: (tensor, chunk); one program or block per chunk, whatever the
+  tensors' sizes and count.
+
+The step counts are incremented before the launch and, as in PyTorch's fused optimizers,
+decremented again by ``found_inf``, so that a skipped step leaves everything as it was without the
+host ever reading a GPU value.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastcore import reference
+from fastcore.backends import resolve_backend
+
+Scalar = Union[float, Tensor]
+META_COLS = 8
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state is float32 for 16-bit and float32 parameters, float64 for float64 ones."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+               lr: Union[Scalar, Sequence[float]], beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+               weight_decay: Union[float, Sequence[float]] = 0.0,
+               max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
+               master_params: Optional[Sequence[Optional[Tensor]]] = None,
+               maximize: bool = False, decoupled: bool = True,
+               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+               backend: str = "auto") -> None:
+    """One AdamW (``decoupled=True``) or Adam (L2 weight decay) step, in place, over every tensor.
+
+    The maths is ``torch.optim.AdamW``'s (``torch.optim.Adam``'s with ``decoupled=False``).
+    ``steps`` are float32 scalar tensors on the parameters' device, incremented here. ``exp_avgs``,
+    ``exp_avg_sqs`` and ``max_exp_avg_sqs`` (amsgrad when given) have the dtype of
+    :func:`state_dtype`. A ``master_params`` entry is an fp32 copy of a 16-bit parameter that the
+    step updates, rounding the parameter from it; None where there is none. ``lr`` and
+    ``weight_decay`` are one value or one per tensor. ``grad_scale`` divides the gradients and a
+    nonzero ``found_inf`` skips the step, as ``torch.amp.GradScaler`` passes them.
+    """
+    n = _check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params)
+    lrs = _per_tensor("lr", lr, n)
+    wds = _per_tensor("weight_decay", weight_decay, n)
+    _check_hyper(beta1, beta2, eps)
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point()):
+            raise TypeError(f"adamw_step: {name} must be None or a one-element floating-point tensor")
+    buckets: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        has_master = master_params is not None and master_params[i] is not None
+        buckets.setdefault((p.device, p.dtype, has_master), []).append(i)
+    for (device, dtype, has_master), idx in buckets.items():
+        name = resolve_backend("adamw", backend, device, dtype)
+        cols = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params if has_master else None, steps)
+        _step_bucket(name, device, dtype, [None if col is None else [col[i] for i in idx] for col in cols],
+                     [lrs[i] for i in idx], [wds[i] for i in idx],
+                     dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), maximize=bool(maximize),
+                          decoupled=bool(decoupled)),
+                     _on(grad_scale, device), _on(found_inf, device))
+
+
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    return None if t is None else t.to(device=device, dtype=torch.float32).reshape(())
+
+
+def _step_bucket(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf) -> None:
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps = cols
+    torch._foreach_add_(steps, 1)
+    if backend == "reference":
+        if found_inf is None or found_inf.item() == 0:
+            scale = None if grad_scale is None else grad_scale.item()
+            for i, p in enumerate(params):
+                reference.adamw_step(p, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i].item(), lr=lrs[i],
+                                     weight_decay=wds[i], max_exp_avg_sq=None if max_sqs is None else max_sqs[i],
+                                     master=None if masters is None else masters[i], grad_scale=scale, **opts)
+    else:
+        _launch(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+def _launch(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf) -> None:
+    """Build the launch tables over contiguous tensors, run one kernel, copy back any staged tensor."""
+    staged = []  # (original, contiguous stand-in) to write back after the kernel
+    cols = list(cols)
+    for c, col in enumerate(cols[:6]):
+        if col is None:
+            continue
+        col = list(col)
+        for i, t in enumerate(col):
+            if not t.is_contiguous():
+                col[i] = t.contiguous()
+                if c != 1:  # the gradient is only read
+                    staged.append((t, col[i]))
+        cols[c] = col
+    chunk = _chunk_size(backend, device)
+    meta, hparams, chunks = _tables(cols, lrs, wds, chunk, device)
+    if chunks.shape[0]:
+        flags = dict(amsgrad=cols[4] is not None, has_master=cols[5] is not None, **opts)
+        if backend == "triton":
+            from fastcore.kernels import adamw as kernels
+
+            kernels.adamw_step(meta, hparams, chunks, dtype, grad_scale=grad_scale, found_inf=found_inf, **flags)
+        else:
+            from fastcore import extension
+
+            extension.load().adamw_step(meta, hparams, chunks, chunk, dtype, flags["beta1"], flags["beta2"],
+                                        flags["eps"], flags["amsgrad"], flags["has_master"], flags["maximize"],
+                                        flags["decoupled"], grad_scale, found_inf)
+    for original, stand_in in staged:
+        original.copy_(stand_in)
+
+
+def _chunk_size(backend: str, device: torch.device) -> int:
+    if backend == "triton":
+        from fastcore.kernels import adamw as kernels
+
+        return kernels.CHUNK
+    from fastcore import extension
+
+    module = extension.load()
+    return module.ADAMW_CHUNK_CPU if device.type == "cpu" else module.ADAMW_CHUNK_CUDA
+
+
+def _tables(cols, lrs, wds, chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    params = cols[0]
+    zeros = [0] * len(params)
+    numels = [p.numel() for p in params]
+    meta = torch.tensor([zeros if col is None else [t.data_ptr() for t in col] for col in cols] + [numels],
+                        dtype=torch.int64).T.contiguous()
+    hparams = torch.tensor([lrs, wds], dtype=torch.float64).T.contiguous()
+    counts = -(-meta[:, META_COLS - 1] // chunk)
+    tensor = torch.repeat_interleave(torch.arange(len(params)), counts)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    chunks = torch.stack([tensor, torch.arange(len(tensor)) - first], 1).to(torch.int32)
+    if device.type != "cpu":
+        meta, hparams, chunks = (t.pin_memory().to(device, non_blocking=True) for t in (meta, hparams, chunks))
+    return meta, hparams, chunks
+
+
+def _per_tensor(name: str, value, n: int) -> list[float]:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"adamw_step: {name} as a tensor must have one element, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values = [float(value)] * n
+    elif isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"adamw_step: {name} has {len(value)} values for {n} parameters")
+        values = [float(v) for v in value]
+    else:
+        raise TypeError(f"adamw_step: {name} must be a float, a one-element tensor or one float per parameter, "
+                        f"got {type(value).__name__}")
+    for v in values:
+        if not 0.0 <= v < math.inf:
+            raise ValueError(f"adamw_step: {name} must be a finite number >= 0, got {v}")
+    return values
+
+
+def _check_hyper(beta1, beta2, eps) -> None:
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"adamw_step: {name} must be in [0, 1), got {b}")
+    if not 0.0 <= float(eps) < math.inf:
+        raise ValueError(f"adamw_step: eps must be a finite number >= 0, got {eps}")
+
+
+def _check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, master_params) -> int:
+    n = len(params)
+    named = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+    if max_exp_avg_sqs is not None:
+        named["max_exp_avg_sqs"] = max_exp_avg_sqs
+    if master_params is not None:
+        named["master_params"] = master_params
+    for name, col in named.items():
+        if len(col) != n:
+            raise ValueError(f"adamw_step: {name} has {len(col)} entries for {n} params")
+    for i, p in enumerate(params):
+        check_param(p, f"params[{i}]")
+        g = grads[i]
+        if not isinstance(g, Tensor):
+            raise TypeError(f"adamw_step: grads[{i}] must be a tensor, got {type(g).__name__}")
+        if g.is_sparse:
+            raise RuntimeError(f"adamw_step: grads[{i}] is sparse; fused AdamW supports dense gradients only")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise ValueError(f"adamw_step: grads[{i}] must match its parameter's shape, dtype and device "
+                             f"({tuple(p.shape)}, {p.dtype}, {p.device}), got ({tuple(g.shape)}, {g.dtype}, {g.device})")
+        states = [("exp_avgs", exp_avgs[i])] + [("exp_avg_sqs", exp_avg_sqs[i])]
+        if max_exp_avg_sqs is not None:
+            states.append(("max_exp_avg_sqs", max_exp_avg_sqs[i]))
+        for name, s in states:
+            _check_state(s, p, state_dtype(p.dtype), f"{name}[{i}]")
+        if master_params is not None and master_params[i] is not None:
+            if p.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"adamw_step: master_params[{i}] is for 16-bit parameters; params[{i}] is {p.dtype}")
+            _check_state(master_params[i], p, torch.float32, f"master_params[{i}]")
+        s = steps[i]
+        if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
+            raise ValueError(f"adamw_step: steps[{i}] must be a one-element float32 tensor on {p.device}")
+    return n
+
+
+def _check_state(s, p: Tensor, dtype: torch.dtype, name: str) -> None:
+    if not isinstance(s, Tensor) or s.shape != p.shape or s.dtype != dtype or s.device != p.device:
+        got = f"({tuple(s.shape)}, {s.dtype}, {s.device})" if isinstance(s, Tensor) else type(s).__name__
+        raise ValueError(f"adamw_step: {name} must be a {dtype} tensor of its parameter's shape "
+                         f"{tuple(p.shape)} on {p.device}, got {got}")
+
+
+def check_param(p, name: str) -> None:
+    """Parameters the fused step takes: real floating-point tensors."""
+    if not isinstance(p, Tensor):
+        raise TypeError(f"adamw_step: {name} must be a tensor, got {type(p).__name__}")
+    if p.is_complex():
+        raise TypeError(f"adamw_step: {name} is complex ({p.dtype}); fused AdamW supports real floating-point "
+                        "parameters only (view complex ones with torch.view_as_real)")
+    if not p.is_floating_point():
+        raise TypeError(f"adamw_step: {name} must be floating point, got {p.dtype}")

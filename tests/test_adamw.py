@@ -1,0 +1,374 @@
+"""FusedAdamW / FusedAdam: trajectories against torch.optim.AdamW / Adam for every backend that runs,
+state_dict both ways, GradScaler, mixed precision, and refusals of bad input."""
+import copy
+
+import pytest
+import torch
+
+import fastcore
+from fastcore import reference
+from fastcore.optim import FusedAdam, FusedAdamW
+from conftest import HAS_GPU, TOLERANCE, assert_close, device_backends
+
+# Odd shapes: size 1, tiny, a non-power-of-two matrix, and one spanning several chunks of the
+# interpreter's Triton kernel (512 elements).
+SHAPES = [(1,), (3,), (37, 19), (1000,)]
+STEPS = 25
+BACKENDS = [("cpu", "reference")] + device_backends("adamw")
+
+
+def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in shapes]
+
+
+def grads_for(params, step, dtype=None):
+    """Fresh gradients, the same for every optimizer under test; a parameter skips some steps."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen)
+        out.append(None if (i == 1 and step % 3 == 2) else g.to(device=p.device, dtype=dtype or p.dtype))
+    return out
+
+
+def groups(params, lr):
+    """Two param groups with their own lr and weight decay."""
+    return [{"params": params[:2], "lr": lr, "weight_decay": 0.0}, {"params": params[2:], "weight_decay": 0.3}]
+
+
+def run(opt, params, steps, start=0, grad_dtype=None):
+    for step in range(start, start + steps):
+        for p, g in zip(params, grads_for(params, step, grad_dtype)):
+            p.grad = g
+        opt.step()
+
+
+# name -> (fastcore class, torch class, constructor kwargs)
+CONFIGS = {
+    "adamw": (FusedAdamW, torch.optim.AdamW, dict(lr=3e-2, weight_decay=0.1)),
+    "amsgrad": (FusedAdamW, torch.optim.AdamW, dict(lr=3e-2, amsgrad=True)),
+    "maximize": (FusedAdamW, torch.optim.AdamW, dict(lr=3e-2, maximize=True, betas=(0.8, 0.99))),
+    "no-decay": (FusedAdamW, torch.optim.AdamW, dict(lr=3e-2, weight_decay=0.0, eps=1e-6)),
+    "tensor-lr": (FusedAdamW, torch.optim.AdamW, dict(lr=torch.tensor(2e-2), weight_decay=0.05)),
+    "adam-l2": (FusedAdam, torch.optim.Adam, dict(lr=3e-2, weight_decay=0.2, amsgrad=True)),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_trajectory_matches_torch(device, backend, config):
+    ours_cls, torch_cls, kwargs = CONFIGS[config]
+    kwargs = dict(kwargs)
+    lr = kwargs.pop("lr")  # the first group's; the second takes the default, 0.01
+    ours_p, torch_p = make_params(SHAPES, device=device), make_params(SHAPES, device=device)
+    ours = ours_cls(groups(ours_p, lr), lr=0.01, backend=backend, **kwargs)
+    theirs = torch_cls(groups(torch_p, lr), lr=0.01, foreach=False, **kwargs)
+    run(ours, ours_p, STEPS)
+    run(theirs, torch_p, STEPS)
+    for i, (a, b) in enumerate(zip(ours_p, torch_p)):
+        assert_close(a, b, torch.float32, f"param {i}")
+        sa, sb = ours.state[a], theirs.state[b]
+        assert sa["step"].item() == sb["step"].item()
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert (key in sa) == (key in sb), key
+            if key in sa:
+                assert_close(sa[key], sb[key], torch.float32, f"{key} {i}")
+    # The parameter that skipped steps also skipped its step count.
+    assert ours.state[ours_p[1]]["step"].item() == STEPS - len(range(2, STEPS, 3))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bf16_params_keep_fp32_state(device, backend):
+    """bf16 parameters against AdamW on the same bf16 parameters; our moments stay fp32."""
+    ours_p, torch_p = make_params(SHAPES, torch.bfloat16, device), make_params(SHAPES, torch.bfloat16, device)
+    ours = FusedAdamW(ours_p, lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-2, foreach=False)
+    run(ours, ours_p, STEPS)
+    run(theirs, torch_p, STEPS)
+    for a, b in zip(ours_p, torch_p):
+        assert a.dtype == torch.bfloat16 and ours.state[a]["exp_avg"].dtype == torch.float32
+        assert_close(a, b, torch.bfloat16)
+        assert_close(ours.state[a]["exp_avg"], theirs.state[b]["exp_avg"], torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_master_weights_follow_the_fp32_trajectory(device, backend):
+    """With master weights, bf16 parameters lose nothing: the fp32 copy follows fp32 AdamW, and
+    the parameter is that copy rounded to nearest."""
+    shapes = SHAPES + [(5, 3)]
+    ours_p = make_params(shapes, torch.bfloat16, device)
+    fp32_p = make_params(shapes, torch.float32, device)  # a second fp32 parameter, for dtype mixing
+    torch_p = [torch.nn.Parameter(p.detach().float()) for p in ours_p]
+    ours = FusedAdamW(ours_p + fp32_p[-1:], lr=1e-3, weight_decay=0.1, master_weights=True, backend=backend)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-3, weight_decay=0.1, foreach=False)
+    for step in range(STEPS):
+        for p, q, g in zip(ours_p, torch_p, grads_for(ours_p, step)):
+            p.grad, q.grad = g, None if g is None else g.float()
+        fp32_p[-1].grad = torch.randn_like(fp32_p[-1])
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_p, torch_p):
+        master = ours.state[a]["master_param"]
+        assert_close(master, b, torch.float32, "master")
+        assert torch.equal(a.detach(), master.to(torch.bfloat16))
+    assert "master_param" not in ours.state[fp32_p[-1]]
+
+
+def test_master_weights_keep_updates_bf16_would_lose():
+    """An update far below a bf16 ulp: plain bf16 parameters never move, master weights accumulate it."""
+    p_plain = torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16))
+    p_master = torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16))
+    plain = FusedAdamW([p_plain], lr=1e-4, weight_decay=0.0)
+    master = FusedAdamW([p_master], lr=1e-4, weight_decay=0.0, master_weights=True)
+    for _ in range(100):
+        p_plain.grad = torch.ones_like(p_plain)
+        p_master.grad = torch.ones_like(p_master)
+        plain.step()
+        master.step()
+    assert torch.all(p_plain == 1.0)  # each step moves 1e-4, below half an ulp (2**-8) at 1.0
+    assert torch.allclose(master.state[p_master]["master_param"], torch.full((64,), 1.0 - 100 * 1e-4), rtol=1e-5)
+    assert torch.all(p_master < 1.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_multi_chunk_and_non_contiguous_parameters(device, backend):
+    """A tensor past the CPU chunk (32768) and a transposed (non-contiguous) parameter."""
+    big = 32768 * 2 + 5 if backend in ("cpu", "reference", "cuda") else 1100
+    def build():
+        gen = torch.Generator().manual_seed(3)
+        a = torch.nn.Parameter(torch.randn(big, generator=gen).to(device))
+        b = torch.nn.Parameter(torch.randn(9, 14, generator=gen).to(device).t())
+        return [a, b]
+    ours_p, torch_p = build(), build()
+    assert not ours_p[1].is_contiguous()
+    ours = FusedAdamW(ours_p, lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-2, foreach=False)
+    for step in range(5):
+        gen = torch.Generator().manual_seed(step)
+        for p, q in zip(ours_p, torch_p):
+            g = torch.randn(p.shape, generator=gen).to(device)
+            p.grad, q.grad = g, g.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_p, torch_p):
+        assert_close(a, b, torch.float32)
+    assert ours_p[1].stride() == (1, 14)
+
+
+def test_float64_parameters_on_the_cpu_backend():
+    if "cpu" not in fastcore.available_backends("adamw", "cpu"):
+        pytest.skip("no C++ toolchain here")
+    ours_p = make_params(SHAPES, torch.float64)
+    ref_p = make_params(SHAPES, torch.float64)
+    ours = FusedAdamW(ours_p, lr=1e-2, amsgrad=True, backend="cpu")
+    ref = FusedAdamW(ref_p, lr=1e-2, amsgrad=True, backend="reference")
+    run(ours, ours_p, STEPS)
+    run(ref, ref_p, STEPS)
+    for a, b in zip(ours_p, ref_p):
+        assert ours.state[a]["exp_avg"].dtype == torch.float64
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_state_dict_loads_both_ways(device, backend):
+    """torch AdamW -> FusedAdamW and FusedAdamW -> torch AdamW, then 10 more steps that still match
+    an uninterrupted torch run."""
+    steady_p = make_params(SHAPES, device=device)
+    steady = torch.optim.AdamW(groups(steady_p, 1e-2), lr=2e-2, amsgrad=True, foreach=False)
+    run(steady, steady_p, 20)
+
+    first_p = make_params(SHAPES, device=device)
+    first = torch.optim.AdamW(groups(first_p, 1e-2), lr=2e-2, amsgrad=True, foreach=False)
+    run(first, first_p, 5)
+    ours_p = [torch.nn.Parameter(p.detach().clone()) for p in first_p]
+    ours = FusedAdamW(groups(ours_p, 1e-2), lr=2e-2, amsgrad=True, backend=backend)
+    ours.load_state_dict(copy.deepcopy(first.state_dict()))
+    run(ours, ours_p, 10, start=5)
+
+    back_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+    back = torch.optim.AdamW(groups(back_p, 1e-2), lr=2e-2, amsgrad=True, foreach=False)
+    saved = ours.state_dict()
+    assert set(saved["state"][0]) == set(first.state_dict()["state"][0])  # exactly AdamW's keys
+    back.load_state_dict(copy.deepcopy(saved))
+    run(back, back_p, 5, start=15)
+    for a, b in zip(back_p, steady_p):
+        assert_close(a, b, torch.float32)
+    assert back.state[back_p[0]]["step"].item() == 20
+
+
+def test_bf16_state_survives_a_round_trip():
+    """PyTorch's loader casts state to the parameter dtype; ours keeps the saved fp32 values."""
+    p = make_params([(300,)], torch.bfloat16)
+    opt = FusedAdamW(p, lr=1e-2, master_weights=True)
+    run(opt, p, 3)
+    q = [torch.nn.Parameter(p[0].detach().clone())]
+    opt2 = FusedAdamW(q, lr=1e-2, master_weights=True)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq", "master_param"):
+        assert opt2.state[q[0]][key].dtype == torch.float32
+        assert torch.equal(opt2.state[q[0]][key], opt.state[p[0]][key])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_grad_scaler_skips_a_step_with_an_inf(device, backend):
+    """A real GradScaler: the scaled step matches torch's fused AdamW, and an injected inf skips
+    the step, leaving parameters, state and step count untouched."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 1)).to(device)
+
+    ours_m, torch_m = model(), model()
+    ours = FusedAdamW(ours_m.parameters(), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(torch_m.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler(device, init_scale=2.0**10), torch.amp.GradScaler(device, init_scale=2.0**10)]
+    for step in range(6):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 7, generator=gen).to(device), torch.randn(16, 1, generator=gen).to(device)
+        before = None
+        for m, opt, scaler in ((ours_m, ours, scalers[0]), (torch_m, theirs, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if step == 3:
+                m[0].weight.grad[2, 3] = float("inf")
+                if opt is ours:
+                    before = ([p.detach().clone() for p in m.parameters()],
+                              [{k: v.clone() for k, v in opt.state[p].items()} for p in m.parameters()])
+            scaler.step(opt)
+            scaler.update()
+        if before is not None:
+            for p, old, old_state in zip(ours_m.parameters(), *before):
+                assert torch.equal(p.detach(), old)
+                for k, v in ours.state[p].items():
+                    assert torch.equal(v, old_state[k]), k
+            assert scalers[0].get_scale() == 2.0**9
+    for a, b in zip(ours_m.parameters(), torch_m.parameters()):
+        assert_close(a, b, torch.float32)
+        assert ours.state[a]["step"].item() == 5
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_functional_step_matches_the_reference(device, backend):
+    """fastcore.adamw_step over a list, per-tensor lr and weight decay, against the float64 reference."""
+    params = [p.detach() for p in make_params(SHAPES, device=device)]
+    grads = [torch.randn_like(p) for p in params]
+    state = [[torch.rand_like(p) for p in params] for _ in range(2)]
+    steps = [torch.tensor(float(i + 3), device=device) for i in range(len(params))]
+    lrs, wds = [1e-2, 2e-2, 3e-2, 4e-2], [0.0, 0.1, 0.2, 0.3]
+    expect = [t.clone() for t in params], [[t.clone() for t in s] for s in state]
+    for i in range(len(params)):
+        reference.adamw_step(expect[0][i], grads[i], expect[1][0][i], expect[1][1][i], steps[i].item() + 1,
+                             lr=lrs[i], beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wds[i])
+    fastcore.adamw_step(params, grads, state[0], state[1], steps, lr=lrs, beta1=0.9, beta2=0.99,
+                        weight_decay=wds, backend=backend)
+    for i in range(len(params)):
+        assert_close(params[i], expect[0][i], torch.float32)
+        assert_close(state[0][i], expect[1][0][i], torch.float32)
+        assert_close(state[1][i], expect[1][1][i], torch.float32)
+        assert steps[i].item() == i + 4
+
+
+def test_params_without_grad_get_no_state_and_zero_grad_works():
+    ps = make_params(SHAPES)
+    opt = FusedAdamW(ps, lr=1e-2)
+    ps[0].grad = torch.randn_like(ps[0])
+    untouched = ps[1].detach().clone()
+    opt.step()
+    assert ps[0] in opt.state and ps[1] not in opt.state
+    assert torch.equal(ps[1].detach(), untouched)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_constructor_arguments():
+    p = make_params([(3,)])
+    for kwargs, match in ((dict(lr=-1.0), "lr"), (dict(eps=-1e-8), "eps"), (dict(betas=(1.0, 0.9)), "betas"),
+                          (dict(weight_decay=-0.1), "weight_decay"), (dict(backend="gpu"), "backend"),
+                          (dict(lr=torch.ones(2)), "lr")):
+        with pytest.raises(ValueError, match=match):
+            FusedAdamW(p, **kwargs)
+    with pytest.raises(TypeError, match="complex"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="floating point"):
+        FusedAdamW([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = FusedAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_unavailable_backend_says_why():
+    p = make_params([(3,)])
+    p[0].grad = torch.randn(3)
+    opt = FusedAdamW(p, backend="cuda")
+    with pytest.raises(RuntimeError, match="adamw: backend 'cuda' cannot run here"):
+        opt.step()
+
+
+def _functional_args():
+    params = [torch.randn(4), torch.randn(2, 3)]
+    return dict(params=params, grads=[torch.randn_like(p) for p in params],
+                exp_avgs=[torch.zeros_like(p) for p in params], exp_avg_sqs=[torch.zeros_like(p) for p in params],
+                steps=[torch.tensor(0.0) for _ in params])
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a["grads"].pop(), ValueError, "grads has 1 entries for 2 params"),
+    (lambda a: a["grads"].__setitem__(1, torch.randn(3, 2)), ValueError, r"grads\[1\] must match"),
+    (lambda a: a["grads"].__setitem__(0, torch.randn(4, dtype=torch.float64)), ValueError, r"grads\[0\] must match"),
+    (lambda a: a["exp_avgs"].__setitem__(0, torch.zeros(4, dtype=torch.bfloat16)), ValueError, r"exp_avgs\[0\]"),
+    (lambda a: a["exp_avg_sqs"].__setitem__(1, torch.zeros(6)), ValueError, r"exp_avg_sqs\[1\]"),
+    (lambda a: a["steps"].__setitem__(0, torch.tensor(0, dtype=torch.int64)), ValueError, r"steps\[0\]"),
+    (lambda a: a["params"].__setitem__(0, torch.zeros(4, dtype=torch.int32)), TypeError, "floating point"),
+    (lambda a: a["grads"].__setitem__(0, torch.randn(4).to_sparse()), RuntimeError, "sparse"),
+    (lambda a: a.update(lr=[1e-3]), ValueError, "lr has 1 values for 2 parameters"),
+    (lambda a: a.update(lr=float("nan")), ValueError, "lr must be a finite number"),
+    (lambda a: a.update(beta1=1.0), ValueError, "beta1 must be in"),
+    (lambda a: a.update(eps=-1.0), ValueError, "eps must be"),
+    (lambda a: a.update(weight_decay="0.1"), TypeError, "weight_decay must be"),
+    (lambda a: a.update(found_inf=torch.zeros(2)), TypeError, "found_inf must be"),
+    (lambda a: a.update(master_params=[torch.zeros(4), None]), ValueError, "16-bit parameters"),
+    (lambda a: a.update(backend="tpu"), ValueError, "unknown backend"),
+])
+def test_functional_bad_input(change, error, match):
+    args = _functional_args()
+    args.setdefault("lr", 1e-3)
+    change(args)
+    params, grads, m, v, steps = (args.pop(k) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"))
+    before = [p.clone() for p in params]
+    with pytest.raises(error, match=match):
+        fastcore.adamw_step(params, grads, m, v, steps, **args)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))  # refused before touching anything
+
+
+# ---------------------------------------------------------------- GPU
+def gpt2_small_shapes(d=768, layers=12, vocab=50257, context=1024):
+    """The 148 parameter tensors of GPT-2 small (124M parameters, tied LM head)."""
+    shapes = [(vocab, d), (context, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpt2_small_on_gpu_matches_torch_fused(backend):
+    shapes = gpt2_small_shapes()
+    assert len(shapes) == 148 and 124e6 < sum(torch.Size(s).numel() for s in shapes) < 125e6
+    ours_p, torch_p = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
+    ours = FusedAdamW(ours_p, lr=1e-3, weight_decay=0.1, backend=backend)
+    theirs = torch.optim.AdamW(torch_p, lr=1e-3, weight_decay=0.1, fused=True)
+    for step in range(5):
+        gen = torch.Generator(device="cuda").manual_seed(step)
+        for p, q in zip(ours_p, torch_p):
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_p, torch_p):
+        assert_close(a, b, torch.float32)
