@@ -110,11 +110,13 @@ def plot(data: dict, outdir: Path) -> list[Path]:
 
 
 def speedup_summary(rows: list) -> list[str]:
-    """One line per fastcore provider: the range of its speedups over eager."""
+    """One line per fastcore provider: the range of its speedups over its benchmark's baseline provider."""
     lines = []
     for op, op_rows in _by_op(rows).items():
         for provider in _provider_names(op_rows):
-            s = [r["speedup"] for r in op_rows if r["provider"] == provider and "speedup" in r]
-            if s:
-                lines.append(f"{op} {provider}: {min(s):.2f}x to {max(s):.2f}x of {EAGER} over {len(s)} cases")
+            mine = [r for r in op_rows if r["provider"] == provider and "speedup" in r]
+            if mine:
+                s = [r["speedup"] for r in mine]
+                over = mine[0].get("speedup_over", EAGER)
+                lines.append(f"{op} {provider}: {min(s):.2f}x to {max(s):.2f}x of {over} over {len(s)} cases")
     return lines

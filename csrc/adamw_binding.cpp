@@ -48,8 +48,9 @@ void adamw_step(const torch::Tensor& meta, const torch::Tensor& hparams, const t
   const int64_t n_chunks = chunks.size(0);
   if (meta.is_cpu()) {
     const fastcore::cpu::AdamWOptions opt{beta1, beta2, eps, amsgrad, has_master, maximize, decoupled, scale, inf};
+    const pybind11::gil_scoped_release no_gil;  // other Python threads run while OpenMP streams
     fastcore::binding::dispatch_cpu(param_dtype, "adamw", [&](auto tag) {
-      fastcore::cpu::adamw_step<decltype(tag)>(meta.data_ptr<int64_t>(), hparams.data_ptr<double>(),
+      fastcore::cpu::adamw_step<decltype(tag)>(meta.data_ptr<int64_t>(), meta.size(0), hparams.data_ptr<double>(),
                                                chunks.data_ptr<int32_t>(), n_chunks, chunk_size, opt,
                                                at::get_num_threads());
     });
@@ -62,7 +63,7 @@ void adamw_step(const torch::Tensor& meta, const torch::Tensor& hparams, const t
   fastcore::binding::check_cuda(
       fastcore::cuda::adamw_step(fastcore::binding::cuda_dtype(param_dtype, "adamw"), meta.data_ptr<int64_t>(),
                                  hparams.data_ptr<double>(), chunks.data_ptr<int32_t>(), n_chunks, chunk_size,
-                                 float(beta1), float(beta2), float(eps), amsgrad, has_master, maximize, decoupled,
+                                 beta1, beta2, float(eps), amsgrad, has_master, maximize, decoupled,
                                  scale, inf, stream),
       "adamw_step");
 #else

@@ -7,8 +7,9 @@ int64 to typed pointers) and its lr and weight decay from ``hparams``, then upda
 ``[k*CHUNK, (k+1)*CHUNK)`` of that tensor, ``BLOCK`` at a time. See fastcore/ops/adamw.py for the
 tables. Offsets are int64, so tensors past 2^31 elements work.
 
-Bias corrections ``1 - beta**step`` come from an accurate expm1 (a Taylor series near zero), since
-``1 - exp2(step*log2(beta))`` in fp32 loses five digits at beta2 = 0.999.
+Scalars reach a GPU kernel as fp32, so ``1 - beta`` is formed on the host in double (in fp32 from a
+rounded 0.999 it is off by 1e-5), and bias corrections ``1 - beta**step`` come from an accurate
+expm1 (a Taylor series near zero), since ``1 - exp2(step*log2(beta))`` in fp32 loses five digits.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _bf16_bits(x):
 
 
 @triton.jit
-def _adamw_kernel(meta, hparams, chunks, grad_scale, found_inf, beta1, beta2, eps, log_beta1, log_beta2,
+def _adamw_kernel(meta, hparams, chunks, grad_scale, found_inf, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                  eps, log_beta1, log_beta2,
                   P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
                   DECOUPLED: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -91,8 +93,8 @@ def _adamw_kernel(meta, hparams, chunks, grad_scale, found_inf, beta1, beta2, ep
             x = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         x = x * decay
         g = g + l2 * x
-        m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0) + (1 - beta1) * g
-        v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + (1 - beta2) * g * g
+        m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0) + one_minus_beta1 * g
+        v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + one_minus_beta2 * g * g
         tl.store(m_ptr + idx, m, mask=mask)
         tl.store(v_ptr + idx, v, mask=mask)
         v_hat = v
@@ -121,7 +123,8 @@ def adamw_step(meta: torch.Tensor, hparams: torch.Tensor, chunks: torch.Tensor, 
     # Any tensor stands in for an absent pointer; the constexpr flags keep it unread.
     _adamw_kernel[(n_chunks,)](
         meta, hparams, chunks, meta if grad_scale is None else grad_scale, meta if found_inf is None else found_inf,
-        beta1, beta2, eps, math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+        beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps,
+        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
         P_DTYPE=_TL_DTYPES[param_dtype], AMSGRAD=amsgrad, MASTER=has_master, MAXIMIZE=maximize,
         DECOUPLED=decoupled, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
         CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)

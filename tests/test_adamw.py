@@ -1,6 +1,7 @@
 """FusedAdamW / FusedAdam: trajectories against torch.optim.AdamW / Adam for every backend that runs,
 state_dict both ways, GradScaler, mixed precision, and refusals of bad input."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -280,12 +281,99 @@ def test_params_without_grad_get_no_state_and_zero_grad_works():
     assert all(p.grad is None for p in ps)
 
 
+def test_generator_param_groups_and_copies_keep_working():
+    model = torch.nn.Linear(4, 3)
+    opt = FusedAdamW([{"params": model.parameters(), "lr": 1e-2}])
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.randn(2))])})
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 1]
+    before = model.weight.detach().clone()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.weight.detach(), before)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.master_weights, clone.backend) == (opt.master_weights, opt.backend)
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()
+
+
+def test_a_compiled_training_step_runs_the_optimizer_eagerly():
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 2)
+        return model, FusedAdamW(model.parameters(), lr=1e-2)
+
+    def train_step(model, opt, x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    eager, compiled = build(), build()
+    step = torch.compile(train_step, backend="eager")
+    for i in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        train_step(*eager, x)
+        step(*compiled, x)
+    for a, b in zip(eager[0].parameters(), compiled[0].parameters()):
+        assert_close(b, a, torch.float32)
+    assert compiled[1].state[compiled[0].weight]["step"].item() == 3
+
+
+def test_param_group_keys_are_adamw_s():
+    p = make_params([(3,)])
+    ours, theirs = FusedAdamW(p), torch.optim.AdamW(make_params([(3,)]))
+    assert set(ours.state_dict()["param_groups"][0]) == set(theirs.state_dict()["param_groups"][0])
+    assert FusedAdam(p).param_groups[0]["decoupled_weight_decay"] is False
+
+
+def test_a_refused_launch_steps_nothing():
+    """fp32 and fp64 parameters on triton: fp64 is refused before the fp32 tensor has stepped."""
+    if "triton" not in fastcore.available_backends("adamw", "cpu"):
+        pytest.skip("triton cannot run here")
+    ps = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    before = [p.detach().clone() for p in ps]
+    opt = FusedAdamW(ps, backend="triton")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="float64"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert all(opt.state[p]["step"].item() == 0 for p in ps)
+
+
+def test_an_outside_write_reseeds_the_master_copy():
+    """model.load_state_dict after some steps: the next step starts from the loaded weights."""
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    opt = FusedAdamW(model.parameters(), lr=1e-3, master_weights=True)
+    for _ in range(3):
+        model(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
+        opt.step()
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    assert model.weight.abs().max().item() < 2e-2  # one 1e-3 step from zero, not the old weights
+
+
+def test_a_master_copy_is_dropped_when_loading_into_fp32_params():
+    p16 = make_params([(5,)], torch.bfloat16)
+    opt16 = FusedAdamW(p16, master_weights=True)
+    run(opt16, p16, 2)
+    p32 = make_params([(5,)])
+    opt32 = FusedAdamW(p32, master_weights=True)
+    opt32.load_state_dict(copy.deepcopy(opt16.state_dict()))
+    assert "master_param" not in opt32.state[p32[0]]
+    run(opt32, p32, 2, start=2)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_constructor_arguments():
     p = make_params([(3,)])
     for kwargs, match in ((dict(lr=-1.0), "lr"), (dict(eps=-1e-8), "eps"), (dict(betas=(1.0, 0.9)), "betas"),
                           (dict(weight_decay=-0.1), "weight_decay"), (dict(backend="gpu"), "backend"),
-                          (dict(lr=torch.ones(2)), "lr")):
+                          (dict(lr=torch.ones(2)), "lr"), (dict(capturable=True), "capturable"),
+                          (dict(differentiable=True), "differentiable")):
         with pytest.raises(ValueError, match=match):
             FusedAdamW(p, **kwargs)
     with pytest.raises(TypeError, match="complex"):

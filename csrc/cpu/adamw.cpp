@@ -3,7 +3,8 @@
 // The step is pure memory traffic (read p, g, m, v; write p, m, v), so the only goals are one pass
 // over each byte, a vectorised inner loop, and no barrier per tensor: all chunks of all tensors are
 // one static OpenMP schedule. Bias corrections are computed in double per chunk, as PyTorch does on
-// the host. 16-bit parameters are widened and rounded to nearest even in the loop; their state is fp32.
+// the host. The launcher also counts the step of every tensor, unless found_inf skips it all.
+// 16-bit parameters are widened and rounded to nearest even in the loop; their state is fp32.
 #include "adamw.h"
 
 #include <omp.h>
@@ -32,7 +33,7 @@ struct Coefs {
   A l2;           // L2 (Adam): wd; else 0
   A beta1, one_minus_beta1, beta2, one_minus_beta2;
   A step_size;    // lr / (1 - beta1^step)
-  A bc2_sqrt;     // sqrt(1 - beta2^step)
+  A inv_bc2_sqrt; // 1 / sqrt(1 - beta2^step): a multiply, leaving one divide in the loop
   A eps;
 };
 
@@ -51,7 +52,7 @@ Coefs<A> coefs(const int64_t* row, const double* hp, const AdamWOptions& opt) {
   c.beta2 = A(opt.beta2);
   c.one_minus_beta2 = A(1.0 - opt.beta2);
   c.step_size = A(lr / (1.0 - std::pow(opt.beta1, step)));
-  c.bc2_sqrt = A(std::sqrt(1.0 - std::pow(opt.beta2, step)));
+  c.inv_bc2_sqrt = A(1.0 / std::sqrt(1.0 - std::pow(opt.beta2, step)));
   c.eps = A(opt.eps);
   return c;
 }
@@ -75,7 +76,7 @@ void update(T* __restrict p, const T* __restrict g, acc_t<T>* __restrict m, acc_
       vhat = vmax[i] > vi ? vmax[i] : vi;
       vmax[i] = vhat;
     }
-    x -= c.step_size * mi / (std::sqrt(vhat) / c.bc2_sqrt + c.eps);
+    x -= c.step_size * mi / (std::sqrt(vhat) * c.inv_bc2_sqrt + c.eps);
     if constexpr (MASTER) master[i] = float(x);
     p[i] = from_acc<T>(x);
   }
@@ -103,9 +104,10 @@ void step_all(const int64_t* meta, const double* hparams, const int32_t* chunks,
 }  // namespace
 
 template <typename T>
-void adamw_step(const int64_t* meta, const double* hparams, const int32_t* chunks, int64_t n_chunks,
-                int64_t chunk_size, const AdamWOptions& opt, int num_threads) {
-  if (n_chunks <= 0 || (opt.found_inf && *opt.found_inf != 0.0f)) return;
+void adamw_step(const int64_t* meta, int64_t n_tensors, const double* hparams, const int32_t* chunks,
+                int64_t n_chunks, int64_t chunk_size, const AdamWOptions& opt, int num_threads) {
+  if (opt.found_inf && *opt.found_inf != 0.0f) return;
+  for (int64_t t = 0; t < n_tensors; ++t) *address<float>(meta + kCols * t, kStep) += 1.0f;
   const auto run = [&](auto amsgrad, auto master) {
     step_all<T, decltype(amsgrad)::value, decltype(master)::value>(meta, hparams, chunks, n_chunks, chunk_size,
                                                                    opt, num_threads);
@@ -120,7 +122,7 @@ void adamw_step(const int64_t* meta, const double* hparams, const int32_t* chunk
 }
 
 #define FASTCORE_ADAMW(T)                                                                           \
-  template void adamw_step<T>(const int64_t*, const double*, const int32_t*, int64_t, int64_t, \
+  template void adamw_step<T>(const int64_t*, int64_t, const double*, const int32_t*, int64_t, int64_t, \
                               const AdamWOptions&, int);
 FASTCORE_ADAMW(float)
 FASTCORE_ADAMW(double)

@@ -2,7 +2,7 @@
 //
 // The launch tables (built by fastcore/ops/adamw.py, the same for every backend):
 //   meta    int64  (n_tensors, 8): addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without
-//           amsgrad), fp32 master (0 without), the float32 step (already incremented), then numel.
+//           amsgrad), fp32 master (0 without), the float32 step count, then numel.
 //   hparams double (n_tensors, 2): lr and weight_decay of each tensor.
 //   chunks  int32  (n_chunks, 2): (tensor, chunk k), covering elements [k*chunk_size, (k+1)*chunk_size).
 #pragma once
@@ -23,10 +23,11 @@ struct AdamWOptions {
   const float* found_inf;   // null, or nonzero skips the whole step
 };
 
-// T is the parameter (and gradient) type; the state is acc_t<T>.
+// T is the parameter (and gradient) type; the state is acc_t<T>. Unlike the GPU launchers, this one
+// adds 1 to each tensor's step first (the GPU ones read steps a foreach already counted).
 template <typename T>
-void adamw_step(const int64_t* meta, const double* hparams, const int32_t* chunks, int64_t n_chunks,
-                int64_t chunk_size, const AdamWOptions& opt, int num_threads);
+void adamw_step(const int64_t* meta, int64_t n_tensors, const double* hparams, const int32_t* chunks,
+                int64_t n_chunks, int64_t chunk_size, const AdamWOptions& opt, int num_threads);
 
 }  // namespace cpu
 }  // namespace fastcore

@@ -147,7 +147,9 @@ struct Args {
   const double* hparams;
   const int32_t* chunks;
   int64_t chunk_size;
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  float beta1, beta2, one_minus_beta1, one_minus_beta2;
+  double beta1_d, beta2_d;  // for the bias corrections
+  float eps;
   bool maximize;
   bool decoupled;
   const float* grad_scale;  // nullable
@@ -201,8 +203,8 @@ __device__ Chunk<P> prepare_chunk(const Args& a, int64_t row) {
   const double step = static_cast<double>(*reinterpret_cast<const float*>(meta[kStep]));
   const double lr = a.hparams[2 * t];
   const double wd = a.hparams[2 * t + 1];
-  const double bc1 = 1.0 - pow(static_cast<double>(a.beta1), step);
-  const double bc2 = 1.0 - pow(static_cast<double>(a.beta2), step);
+  const double bc1 = 1.0 - pow(a.beta1_d, step);
+  const double bc2 = 1.0 - pow(a.beta2_d, step);
   c.step_size = static_cast<float>(lr / bc1);
   c.bc2_sqrt = static_cast<float>(sqrt(bc2));
   c.decay = static_cast<float>(1.0 - lr * wd);
@@ -343,15 +345,16 @@ cudaError_t dispatch_flags(const Args& a, int64_t n_chunks, bool amsgrad, bool h
 // ---------------------------------------------------------------------------
 
 cudaError_t adamw_step(DType param_dtype, const int64_t* meta, const double* hparams, const int32_t* chunks,
-                       int64_t n_chunks, int64_t chunk_size, float beta1, float beta2, float eps, bool amsgrad,
+                       int64_t n_chunks, int64_t chunk_size, double beta1, double beta2, float eps, bool amsgrad,
                        bool has_master, bool maximize, bool decoupled, const float* grad_scale,
                        const float* found_inf, cudaStream_t stream) {
   if (n_chunks < 0 || n_chunks > kMaxGridX || chunk_size <= 0) return cudaErrorInvalidValue;
   if (n_chunks == 0) return cudaSuccess;
   if (meta == nullptr || hparams == nullptr || chunks == nullptr) return cudaErrorInvalidValue;
 
-  const Args a{meta,        hparams,     chunks, chunk_size, beta1,      beta2, 1.f - beta1,
-               1.f - beta2, eps,         maximize, decoupled, grad_scale, found_inf};
+  // 1 - beta in double: from a float-rounded 0.999 it would be off by 1e-5 relative.
+  const Args a{meta,  hparams, chunks, chunk_size, float(beta1), float(beta2), float(1.0 - beta1),
+               float(1.0 - beta2), beta1, beta2, eps, maximize, decoupled, grad_scale, found_inf};
   switch (param_dtype) {
     case DType::f32:
       return dispatch_flags<float>(a, n_chunks, amsgrad, has_master, stream);

@@ -24,7 +24,7 @@ namespace fastcore { namespace cuda {
 constexpr int64_t kAdamWChunk = 16384;
 
 cudaError_t adamw_step(DType param_dtype, const int64_t* meta, const double* hparams, const int32_t* chunks,
-                       int64_t n_chunks, int64_t chunk_size, float beta1, float beta2, float eps,
+                       int64_t n_chunks, int64_t chunk_size, double beta1, double beta2, float eps,
                        bool amsgrad, bool has_master, bool maximize, bool decoupled,
                        const float* grad_scale /*nullable, device*/, const float* found_inf /*nullable, device*/,
                        cudaStream_t stream);

@@ -16,6 +16,9 @@ host ever reading a GPU value.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -62,27 +65,69 @@ def adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequ
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point()):
             raise TypeError(f"adamw_step: {name} must be None or a one-element floating-point tensor")
+    opts = dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), maximize=bool(maximize),
+                decoupled=bool(decoupled))
+    run(plan(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds, max_exp_avg_sqs, master_params, opts, backend),
+        grad_scale, found_inf)
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: tensors of one device and dtype, with resolved backend."""
+
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    cols: list  # params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs | None, masters | None, steps
+    lrs: list
+    wds: list
+    opts: dict
+
+
+def plan(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds, max_exp_avg_sqs, master_params, opts,
+         backend) -> list[Launch]:
+    """Group the tensors into launches and resolve each one's backend, touching nothing, so that a
+    refusal (say, float64 on triton) comes before any tensor has stepped. No argument checks:
+    FusedAdamW calls this with state it made itself."""
     buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        has_master = master_params is not None and master_params[i] is not None
-        buckets.setdefault((p.device, p.dtype, has_master), []).append(i)
-    for (device, dtype, has_master), idx in buckets.items():
+    if master_params is None:
+        for i, p in enumerate(params):
+            buckets.setdefault((p.get_device(), p.dtype, False), []).append(i)  # get_device: an int, cheap
+    else:
+        for i, p in enumerate(params):
+            buckets.setdefault((p.get_device(), p.dtype, master_params[i] is not None), []).append(i)
+    launches = []
+    for (_, dtype, has_master), idx in buckets.items():
+        device = params[idx[0]].device
         name = resolve_backend("adamw", backend, device, dtype)
-        cols = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params if has_master else None, steps)
-        _step_bucket(name, device, dtype, [None if col is None else [col[i] for i in idx] for col in cols],
-                     [lrs[i] for i in idx], [wds[i] for i in idx],
-                     dict(beta1=float(beta1), beta2=float(beta2), eps=float(eps), maximize=bool(maximize),
-                          decoupled=bool(decoupled)),
-                     _on(grad_scale, device), _on(found_inf, device))
+        cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params if has_master else None, steps]
+        if len(buckets) == 1:
+            launches.append(Launch(name, device, dtype, cols, lrs, wds, opts))
+        else:
+            cols = [None if col is None else [col[i] for i in idx] for col in cols]
+            launches.append(Launch(name, device, dtype, cols, [lrs[i] for i in idx], [wds[i] for i in idx], opts))
+    return launches
+
+
+def run(launches: list[Launch], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    if any(launch.device.type == "cuda" for launch in launches) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("adamw: the fused step builds its launch table on the host each step, so it cannot be "
+                           "captured in a CUDA graph")
+    for launch in launches:
+        _step_bucket(launch, _on(grad_scale, launch.device), _on(found_inf, launch.device))
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return None if t is None else t.to(device=device, dtype=torch.float32).reshape(())
 
 
-def _step_bucket(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf) -> None:
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps = cols
-    torch._foreach_add_(steps, 1)
+def _step_bucket(launch: Launch, grad_scale, found_inf) -> None:
+    backend, lrs, wds, opts = launch.backend, launch.lrs, launch.wds, launch.opts
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters, steps = launch.cols
+    # The C++ CPU launcher counts the steps itself (a foreach over 0-d tensors costs ~4 us each).
+    counted_in_kernel = backend == "cpu"
+    if not counted_in_kernel:
+        torch._foreach_add_(steps, 1)
     if backend == "reference":
         if found_inf is None or found_inf.item() == 0:
             scale = None if grad_scale is None else grad_scale.item()
@@ -91,41 +136,40 @@ def _step_bucket(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found
                                      weight_decay=wds[i], max_exp_avg_sq=None if max_sqs is None else max_sqs[i],
                                      master=None if masters is None else masters[i], grad_scale=scale, **opts)
     else:
-        _launch(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf)
-    if found_inf is not None:
+        _launch(launch, grad_scale, found_inf)
+    if found_inf is not None and not counted_in_kernel:
         torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
-def _launch(backend, device, dtype, cols, lrs, wds, opts, grad_scale, found_inf) -> None:
-    """Build the launch tables over contiguous tensors, run one kernel, copy back any staged tensor."""
-    staged = []  # (original, contiguous stand-in) to write back after the kernel
-    cols = list(cols)
-    for c, col in enumerate(cols[:6]):
-        if col is None:
-            continue
-        col = list(col)
-        for i, t in enumerate(col):
-            if not t.is_contiguous():
-                col[i] = t.contiguous()
-                if c != 1:  # the gradient is only read
-                    staged.append((t, col[i]))
-        cols[c] = col
+def _launch(launch: Launch, grad_scale, found_inf) -> None:
+    """Build the launch tables, run one kernel, and copy back any parameter staged as contiguous."""
+    backend, device, dtype, cols = launch.backend, launch.device, launch.dtype, launch.cols
+    params, grads = cols[0], cols[1]
+    staged = [(i, p) for i, p in enumerate(params) if not p.is_contiguous()]
+    if staged:
+        params = list(params)
+        for i, p in staged:
+            params[i] = p.contiguous()
+    if not all(g.is_contiguous() for g in grads):
+        grads = [g.contiguous() for g in grads]  # kept alive here until the kernel is queued
+    cols = [params, grads, *cols[2:]]
     chunk = _chunk_size(backend, device)
-    meta, hparams, chunks = _tables(cols, lrs, wds, chunk, device)
-    if chunks.shape[0]:
-        flags = dict(amsgrad=cols[4] is not None, has_master=cols[5] is not None, **opts)
-        if backend == "triton":
-            from fastcore.kernels import adamw as kernels
+    meta, hparams, chunks = _tables(cols, launch.lrs, launch.wds, chunk, device)
+    flags = dict(amsgrad=cols[4] is not None, has_master=cols[5] is not None, **launch.opts)
+    if backend == "triton":
+        from fastcore.kernels import adamw as kernels
 
+        # Triton launches on the current device; the tables alone do not tell it which.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             kernels.adamw_step(meta, hparams, chunks, dtype, grad_scale=grad_scale, found_inf=found_inf, **flags)
-        else:
-            from fastcore import extension
+    else:
+        from fastcore import extension
 
-            extension.load().adamw_step(meta, hparams, chunks, chunk, dtype, flags["beta1"], flags["beta2"],
-                                        flags["eps"], flags["amsgrad"], flags["has_master"], flags["maximize"],
-                                        flags["decoupled"], grad_scale, found_inf)
-    for original, stand_in in staged:
-        original.copy_(stand_in)
+        extension.load().adamw_step(meta, hparams, chunks, chunk, dtype, flags["beta1"], flags["beta2"],
+                                    flags["eps"], flags["amsgrad"], flags["has_master"], flags["maximize"],
+                                    flags["decoupled"], grad_scale, found_inf)
+    for i, p in staged:
+        p.copy_(params[i])
 
 
 def _chunk_size(backend: str, device: torch.device) -> int:
@@ -146,13 +190,19 @@ def _tables(cols, lrs, wds, chunk: int, device: torch.device) -> tuple[Tensor, T
     meta = torch.tensor([zeros if col is None else [t.data_ptr() for t in col] for col in cols] + [numels],
                         dtype=torch.int64).T.contiguous()
     hparams = torch.tensor([lrs, wds], dtype=torch.float64).T.contiguous()
-    counts = -(-meta[:, META_COLS - 1] // chunk)
-    tensor = torch.repeat_interleave(torch.arange(len(params)), counts)
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    chunks = torch.stack([tensor, torch.arange(len(tensor)) - first], 1).to(torch.int32)
     if device.type != "cpu":
-        meta, hparams, chunks = (t.pin_memory().to(device, non_blocking=True) for t in (meta, hparams, chunks))
-    return meta, hparams, chunks
+        with torch.cuda.device(device):  # queue the copies on the stream the kernel runs on
+            meta, hparams = (t.pin_memory().to(device, non_blocking=True) for t in (meta, hparams))
+    return meta, hparams, _chunk_table(tuple(numels), chunk, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> Tensor:
+    """(tensor, chunk) rows: a function of the sizes alone, so a training run builds it once."""
+    counts = -(-torch.tensor(numels, dtype=torch.int64) // chunk)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.stack([tensor, torch.arange(len(tensor)) - first], 1).to(device=device, dtype=torch.int32)
 
 
 def _per_tensor(name: str, value, n: int) -> list[float]:
@@ -223,6 +273,8 @@ def _check_state(s, p: Tensor, dtype: torch.dtype, name: str) -> None:
         got = f"({tuple(s.shape)}, {s.dtype}, {s.device})" if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(f"adamw_step: {name} must be a {dtype} tensor of its parameter's shape "
                          f"{tuple(p.shape)} on {p.device}, got {got}")
+    if not s.is_contiguous():
+        raise ValueError(f"adamw_step: {name} must be contiguous (optimizer state is updated in place)")
 
 
 def check_param(p, name: str) -> None:

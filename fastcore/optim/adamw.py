@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastcore.backends import BACKENDS
-from fastcore.ops.adamw import adamw_step, check_param, state_dtype
+from fastcore.ops.adamw import check_param, plan, run, state_dtype
 
 _LOW = (torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -43,8 +43,14 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False, *,
-                 master_weights: bool = False, backend: str = "auto") -> None:
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, master_weights: bool = False, backend: str = "auto") -> None:
         name = type(self).__name__
+        # AdamW's own switches: foreach and fused are accepted (every step here is fused); the others are refused.
+        if capturable:
+            raise ValueError(f"{name}: capturable=True is not supported (the step builds its launch table on the host)")
+        if differentiable:
+            raise ValueError(f"{name}: differentiable=True is not supported (the kernels are not autograd-traced)")
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError(f"{name}: lr as a tensor must have one element, got shape {tuple(lr.shape)}")
         if not 0.0 <= float(lr) < math.inf:
@@ -59,18 +65,33 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"{name}: unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
         self.master_weights = bool(master_weights)
         self.backend = backend
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        # Parameter version and address after our last step: a change means an outside write (see step).
+        self._written: dict[Tensor, tuple[int, int]] = {}
+        # Every key of torch.optim.AdamW's param groups, so that state dicts load into it unchanged.
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
+                        decoupled_weight_decay=self._decoupled)
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "master_weights": self.master_weights, "backend": self.backend}
+
     def __setstate__(self, state: dict) -> None:
+        # load_state_dict passes only state and param_groups: keep the settings this optimizer has.
+        self.master_weights = state.pop("master_weights", getattr(self, "master_weights", False))
+        self.backend = state.pop("backend", getattr(self, "backend", "auto"))
+        self._written = {}
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+            group["decoupled_weight_decay"] = self._decoupled
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
-        for i, p in enumerate([params] if isinstance(params, Tensor) else list(params)):
+        if not isinstance(params, (Tensor, set)):
+            params = param_group["params"] = list(params)  # a generator is read once, here
+        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
             check_param(p, f"{type(self).__name__}: parameter {i} of a param group")
         super().add_param_group(param_group)
 
@@ -84,10 +105,15 @@ class FusedAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape, **zeros)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype(p.dtype), device=p.device)
-        if self.master_weights and p.dtype in _LOW and "master_param" not in state:
-            state["master_param"] = p.detach().float().contiguous()
+        if self.master_weights and p.dtype in _LOW:
+            # A parameter written from outside since our last step (a model.load_state_dict, a
+            # re-initialisation) re-seeds its master copy; otherwise the step would undo the write.
+            if "master_param" not in state or self._written.get(p, (p._version, p.data_ptr())) != (
+                    p._version, p.data_ptr()):
+                state["master_param"] = p.detach().float().contiguous()
         return state
 
+    @torch.compiler.disable  # the table holds addresses: run eagerly, one graph break, inside torch.compile
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         loss = None
@@ -96,37 +122,48 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        launches: dict[tuple, dict[str, list]] = {}
+        launches: dict[tuple, list[list]] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            key = (float(beta1), float(beta2), float(group["eps"]), bool(group["amsgrad"]), bool(group["maximize"]))
-            lists = launches.setdefault(key, {k: [] for k in ("params", "grads", "m", "v", "vmax", "master",
-                                                              "steps", "lr", "wd")})
+            amsgrad = bool(group["amsgrad"])
+            key = (float(beta1), float(beta2), float(group["eps"]), amsgrad, bool(group["maximize"]))
+            # params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master_param, step, lr, weight_decay
+            cols = launches.setdefault(key, [[] for _ in range(9)])
             lr, wd = float(group["lr"]), float(group["weight_decay"])
+            # Per-parameter Python cost is the step's overhead with many small tensors: keep this loop lean.
+            plain = not amsgrad and not self.master_weights
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self._init_state(p, group)
-                lists["params"].append(p)
-                lists["grads"].append(p.grad)
-                lists["m"].append(state["exp_avg"])
-                lists["v"].append(state["exp_avg_sq"])
-                lists["vmax"].append(state.get("max_exp_avg_sq"))
-                lists["master"].append(state.get("master_param"))
-                lists["steps"].append(state["step"])
-                lists["lr"].append(lr)
-                lists["wd"].append(wd)
-        for (beta1, beta2, eps, amsgrad, maximize), lists in launches.items():
-            if not lists["params"]:
+                state = self.state[p]
+                if not (plain and len(state) == 3):
+                    state = self._init_state(p, group)
+                cols[0].append(p)
+                cols[1].append(grad)
+                cols[2].append(state["exp_avg"])
+                cols[3].append(state["exp_avg_sq"])
+                cols[4].append(state.get("max_exp_avg_sq"))
+                cols[5].append(state.get("master_param"))
+                cols[6].append(state["step"])
+                cols[7].append(lr)
+                cols[8].append(wd)
+        planned = []  # every launch is checked and resolved before any tensor steps
+        for (beta1, beta2, eps, amsgrad, maximize), cols in launches.items():
+            if not cols[0]:
                 continue
-            masters = lists["master"] if any(m is not None for m in lists["master"]) else None
-            adamw_step(lists["params"], lists["grads"], lists["m"], lists["v"], lists["steps"], lr=lists["lr"],
-                       beta1=beta1, beta2=beta2, eps=eps, weight_decay=lists["wd"],
-                       max_exp_avg_sqs=lists["vmax"] if amsgrad else None, master_params=masters,
-                       maximize=maximize, decoupled=self._decoupled, grad_scale=grad_scale, found_inf=found_inf,
-                       backend=self.backend)
+            # No per-gradient shape/dtype/device check here: torch's `.grad` setter and autograd enforce them.
+            masters = cols[5] if any(m is not None for m in cols[5]) else None
+            opts = dict(beta1=beta1, beta2=beta2, eps=eps, maximize=maximize, decoupled=self._decoupled)
+            planned += plan(cols[0], cols[1], cols[2], cols[3], cols[6], cols[7], cols[8],
+                            cols[4] if amsgrad else None, masters, opts, self.backend)
+        run(planned, grad_scale, found_inf)
+        if self.master_weights:
+            for launch in planned:
+                if launch.cols[5] is not None:
+                    self._written.update((p, (p._version, p.data_ptr())) for p in launch.cols[0])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -146,9 +183,11 @@ class FusedAdamW(torch.optim.Optimizer):
             for key in _STATE_KEYS:
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=state_dtype(p.dtype), copy=True).contiguous()
-            if "master_param" in saved:
+            if "master_param" in saved and p.dtype in _LOW:  # none for fp32 parameters
                 state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32,
                                                                  copy=True).contiguous()
+            elif "master_param" in state:
+                del state["master_param"]
             if "step" in saved:
                 state["step"] = torch.as_tensor(saved["step"]).to(device=p.device, dtype=torch.float32,
                                                                   copy=True).reshape(())
@@ -161,6 +200,8 @@ class FusedAdam(FusedAdamW):
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False, *,
-                 master_weights: bool = False, backend: str = "auto") -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, master_weights=master_weights,
-                         backend=backend)
+                 foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, master_weights: bool = False, backend: str = "auto") -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         master_weights=master_weights, backend=backend)
