@@ -8,8 +8,9 @@ import torch
 
 import fastcore
 from fastcore import reference
+from fastcore.bench import bench_adamw
 from fastcore.optim import FusedAdam, FusedAdamW
-from conftest import HAS_GPU, TOLERANCE, assert_close, device_backends
+from conftest import assert_close, device_backends
 
 # Odd shapes: size 1, tiny, a non-power-of-two matrix, and one spanning several chunks of the
 # interpreter's Triton kernel (512 elements).
@@ -435,18 +436,10 @@ def test_functional_bad_input(change, error, match):
 
 
 # ---------------------------------------------------------------- GPU
-def gpt2_small_shapes(d=768, layers=12, vocab=50257, context=1024):
-    """The 148 parameter tensors of GPT-2 small (124M parameters, tied LM head)."""
-    shapes = [(vocab, d), (context, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return shapes + [(d,), (d,)]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpt2_small_on_gpu_matches_torch_fused(backend):
-    shapes = gpt2_small_shapes()
+    shapes = bench_adamw.gpt2_small_shapes()
     assert len(shapes) == 148 and 124e6 < sum(torch.Size(s).numel() for s in shapes) < 125e6
     ours_p, torch_p = make_params(shapes, device="cuda"), make_params(shapes, device="cuda")
     ours = FusedAdamW(ours_p, lr=1e-3, weight_decay=0.1, backend=backend)
@@ -460,3 +453,5 @@ def test_gpt2_small_on_gpu_matches_torch_fused(backend):
         theirs.step()
     for a, b in zip(ours_p, torch_p):
         assert_close(a, b, torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):  # tight enough to see a float-rounded 1 - beta2
+            assert_close(ours.state[a][key], theirs.state[b][key], torch.float32, key)

@@ -115,6 +115,34 @@ def test_results_schema_and_derived_figures(toy_run):
         assert row["median_ms"] == pytest.approx(0.001) and row["speedup"] == pytest.approx(2001)
 
 
+def test_a_benchmark_can_name_its_baseline_provider():
+    """AdamW measures speedups over torch's fused AdamW, not over the eager provider."""
+    bench = harness.register(harness.Benchmark(op="toy_baseline", providers=_toy_providers, cases=_toy_cases,
+                                               setup=_toy_setup, work=lambda case: ("bytes", 8),
+                                               baseline="fastcore-fast"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(harness, "clock", CLOCK.perf_counter)
+            mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
+            rows = harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS).rows
+    finally:
+        harness.unregister(bench.op)
+    slow = next(r for r in rows if r["provider"] == "fastcore-slow")
+    assert slow["speedup_over"] == "fastcore-fast" and slow["speedup"] == pytest.approx(0.001 / 4.001)
+
+
+def test_adamw_bytes_and_lists_by_hand():
+    from fastcore.bench import bench_adamw
+
+    shapes = bench_adamw.gpt2_small_shapes()
+    assert len(shapes) == 148 and sum(torch.Size(s).numel() for s in shapes) == 124_439_808
+    cpu = bench_adamw.param_lists("cpu")
+    assert sum(torch.Size(s).numel() for s in cpu["gpt2-small-12m"]) == 11_836_928
+    assert len(cpu["10k-small"]) == 10_000
+    case = next(c for c in bench_adamw.cases("cpu", quick=True))
+    assert bench_adamw.work(case) == ("bytes", 28 * 11_836_928)  # read p, g, m, v; write p, m, v in fp32
+
+
 def test_copy_bandwidth_is_plausible():
     assert 0.5 < harness.copy_bandwidth("cpu") < 2000  # GB/s: any CPU from a laptop to a large server
 
