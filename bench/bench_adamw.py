@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-import fastcore
-from fastcore.bench.harness import Benchmark, Case, peer, register
+from fastcore.bench.harness import Benchmark, Case, fastcore_providers, peer, register
 from fastcore.optim import FusedAdamW
 
 LR, WEIGHT_DECAY = 1e-3, 0.1
@@ -38,15 +37,8 @@ def param_lists(device: str) -> dict[str, list[tuple]]:
 
 
 def providers(device: str) -> dict:
-    out = {}
-    for backend in fastcore.BACKENDS:
-        reason = fastcore.backends.why_unavailable(backend, device, op="adamw")
-        if backend == "reference":
-            reason = "the float64 ground truth, not a contender"
-        elif backend == "triton" and device == "cpu" and reason is None:
-            reason = "Triton on CPU runs only in its interpreter, a correctness tool"
-        out[f"fastcore-{backend}"] = reason or (lambda ps, b=backend: FusedAdamW(ps, LR, weight_decay=WEIGHT_DECAY,
-                                                                                backend=b))
+    out = fastcore_providers("adamw", device, lambda backend: lambda ps: FusedAdamW(
+        ps, LR, weight_decay=WEIGHT_DECAY, backend=backend))
     out["torch"] = lambda ps: torch.optim.AdamW(ps, LR, weight_decay=WEIGHT_DECAY, foreach=True)
     out["torch-fused"] = lambda ps: torch.optim.AdamW(ps, LR, weight_decay=WEIGHT_DECAY, fused=True)
     out["torch.compile"] = _compiled

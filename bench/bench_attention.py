@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcore
-from fastcore.bench.harness import Benchmark, Case, attention_flops, peer, register
+from fastcore.bench.harness import Benchmark, Case, fastcore_providers, attention_flops, peer, register
 
 TOKENS, HIDDEN = 16384, 2048  # batch x length and heads x head_dim, as in FlashAttention's benchmarks
 GPU_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -24,14 +24,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def providers(device: str) -> dict:
-    out = {}
-    for backend in fastcore.BACKENDS:
-        reason = fastcore.backends.why_unavailable(backend, device, op="attention")
-        if backend == "reference":
-            reason = "the float64 ground truth, not a contender"
-        elif backend == "triton" and device == "cpu" and reason is None:
-            reason = "Triton on CPU runs only in its interpreter, a correctness tool"
-        out[f"fastcore-{backend}"] = reason or _fastcore(backend)
+    out = fastcore_providers("attention", device, _fastcore)
     out["torch"] = _sdpa(None)
     for name in ("flash", "efficient", "cudnn"):
         out[f"torch-sdpa-{name}"] = _sdpa(name) if device == "cuda" else "SDPA's fused GPU backends run on GPU only"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcore
-from fastcore.bench.harness import Benchmark, Case, peer, register
+from fastcore.bench.harness import Benchmark, Case, fastcore_providers, peer, register
 
 ROWS = 4096
 HIDDEN = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -23,14 +23,7 @@ EPS = 1e-5
 
 
 def providers(op: str, device: str) -> dict:
-    out = {}
-    for backend in fastcore.BACKENDS:
-        reason = fastcore.backends.why_unavailable(backend, device, op=op)
-        if backend == "reference":
-            reason = "the float64 ground truth, not a contender"
-        elif backend == "triton" and device == "cpu" and reason is None:
-            reason = "Triton on CPU runs only in its interpreter, a correctness tool"
-        out[f"fastcore-{backend}"] = reason or _fastcore(op, backend)
+    out = fastcore_providers(op, device, lambda backend: _fastcore(op, backend))
     # PyTorch's eager layer_norm is its fused kernel; rms_norm is fused only where aten has one.
     out["torch"] = _eager(op)
     out["torch.compile"] = torch.compile(_eager(op), dynamic=False)

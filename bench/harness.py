@@ -77,6 +77,21 @@ def peer(name: str, load: Callable[[], Callable]) -> Callable | str:
         return f"{name} does not import: {type(exc).__name__}: {exc}"
 
 
+def fastcore_providers(op: str, device: str, make: Callable[[str], Callable]) -> dict:
+    """One provider per fastcore backend, ``make(backend)``, or the reason it is not timed."""
+    import fastcore
+
+    out = {}
+    for backend in fastcore.BACKENDS:
+        reason = fastcore.backends.why_unavailable(backend, device, op=op)
+        if backend == "reference":
+            reason = "the float64 ground truth, not a contender"
+        elif backend == "triton" and device == "cpu" and reason is None:
+            reason = "Triton on CPU runs only in its interpreter, a correctness tool"
+        out[f"fastcore-{backend}"] = reason or make(backend)
+    return out
+
+
 _REGISTRY: dict[str, Benchmark] = {}
 
 

@@ -41,6 +41,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.h"
+
 namespace fastcore {
 namespace cuda {
 namespace {
@@ -68,20 +70,7 @@ enum WeightDecay : int { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
 // Element access
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// to_float / from_float: convert.h
 
 // Elements of T in one 16-byte vector.
 template <typename T>

@@ -37,6 +37,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.h"
+
 namespace fastcore {
 namespace cuda {
 namespace {
@@ -48,20 +50,7 @@ constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; kernels grid-stri
 // Element access
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// to_float / from_float: convert.h
 
 // The alignment makes the compiler emit a single 16-byte access for VEC*sizeof(T) == 16.
 template <typename T, int VEC>
