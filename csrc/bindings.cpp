@@ -153,6 +153,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_bwd(
 }  // namespace
 
 void bind_adamw(py::module_& m);  // adamw_binding.cpp
+void bind_pack(py::module_& m);   // pack_binding.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastcore C++/CUDA kernels";
@@ -166,4 +167,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_bwd", &norm_bwd, "LayerNorm (centered) / RMSNorm backward", py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("has_bias"), py::arg("centered"));
   bind_adamw(m);
+  bind_pack(m);
 }

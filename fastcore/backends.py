@@ -15,6 +15,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "rms_norm": BACKENDS,
     "attention": BACKENDS,
     "adamw": BACKENDS,
+    "pack": BACKENDS,
 }
 
 # Ops whose `cpu` backend delegates to a PyTorch CPU kernel instead of the C++ extension.

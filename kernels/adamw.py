@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastcore.backends import triton_interpreting
+from fastcore.kernels.rounding import store_rounded
 
 # The interpreter runs each program in numpy: small blocks keep CPU tests quick.
 BLOCK = 256 if triton_interpreting() else 1024
@@ -35,15 +36,6 @@ def _one_minus_pow(log_beta, step):
     y = step * log_beta
     series = y * (1 + y / 2 * (1 + y / 3 * (1 + y / 4 * (1 + y / 5 * (1 + y / 6 * (1 + y / 7 * (1 + y / 8)))))))
     return tl.where(y > -0.35, -series, 1 - tl.exp(y))
-
-
-@triton.jit
-def _bf16_bits(x):
-    """fp32 -> bf16 bits, rounded to nearest even (NaN stays NaN). Explicit, because the interpreter's
-    cast truncates: the tests must run the rounding the GPU runs."""
-    u = x.to(tl.uint32, bitcast=True)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded).to(tl.uint16)
 
 
 @triton.jit
@@ -105,10 +97,7 @@ def _adamw_kernel(meta, hparams, chunks, grad_scale, found_inf, beta1, beta2, on
         x = x - step_size * m / (tl.sqrt(v_hat) / bc2_sqrt + eps)
         if MASTER:
             tl.store(w_ptr + idx, x, mask=mask)
-        if P_DTYPE == tl.bfloat16:
-            tl.store(p_ptr.to(tl.pointer_type(tl.uint16)) + idx, _bf16_bits(x), mask=mask)
-        else:
-            tl.store(p_ptr + idx, x.to(P_DTYPE), mask=mask)
+        store_rounded(p_ptr, idx, x, mask, P_DTYPE)
 
 
 def adamw_step(meta: torch.Tensor, hparams: torch.Tensor, chunks: torch.Tensor, param_dtype: torch.dtype, *,

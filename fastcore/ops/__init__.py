@@ -2,5 +2,6 @@
 from fastcore.ops.adamw import adamw_step
 from fastcore.ops.attention import attention
 from fastcore.ops.norm import layer_norm, rms_norm
+from fastcore.ops.pack import pack
 
-__all__ = ["adamw_step", "attention", "layer_norm", "rms_norm"]
+__all__ = ["adamw_step", "attention", "layer_norm", "pack", "rms_norm"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from fastcore import reference
 from fastcore.backends import resolve_backend
+from fastcore.ops import launch_table
 
 Scalar = Union[float, Tensor]
 META_COLS = 8
@@ -184,25 +184,11 @@ def _chunk_size(backend: str, device: torch.device) -> int:
 
 
 def _tables(cols, lrs, wds, chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    params = cols[0]
-    zeros = [0] * len(params)
-    numels = [p.numel() for p in params]
-    meta = torch.tensor([zeros if col is None else [t.data_ptr() for t in col] for col in cols] + [numels],
-                        dtype=torch.int64).T.contiguous()
-    hparams = torch.tensor([lrs, wds], dtype=torch.float64).T.contiguous()
-    if device.type != "cpu":
-        with torch.cuda.device(device):  # queue the copies on the stream the kernel runs on
-            meta, hparams = (t.pin_memory().to(device, non_blocking=True) for t in (meta, hparams))
-    return meta, hparams, _chunk_table(tuple(numels), chunk, device)
-
-
-@functools.lru_cache(maxsize=32)
-def _chunk_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> Tensor:
-    """(tensor, chunk) rows: a function of the sizes alone, so a training run builds it once."""
-    counts = -(-torch.tensor(numels, dtype=torch.int64) // chunk)
-    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
-    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return torch.stack([tensor, torch.arange(len(tensor)) - first], 1).to(device=device, dtype=torch.int32)
+    n = len(cols[0])
+    numels = [p.numel() for p in cols[0]]
+    meta = launch_table.table([launch_table.addresses(col, n) for col in cols] + [numels], device)
+    hparams = launch_table.table([lrs, wds], device, torch.float64)
+    return meta, hparams, launch_table.chunk_table(tuple(numels), chunk, device)
 
 
 def _per_tensor(name: str, value, n: int) -> list[float]:

@@ -2,5 +2,6 @@
 from fastcore.reference.adamw import adamw_step
 from fastcore.reference.attention import attention
 from fastcore.reference.norm import layer_norm, rms_norm
+from fastcore.reference.pack import pack
 
-__all__ = ["adamw_step", "attention", "layer_norm", "rms_norm"]
+__all__ = ["adamw_step", "attention", "layer_norm", "pack", "rms_norm"]
