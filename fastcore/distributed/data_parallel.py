@@ -1,0 +1,266 @@
+"""Data parallelism on torch.distributed: bucketed, overlapped gradient all-reduce.
+
+Gradients live in flat buckets. Each bucket's all-reduce starts, asynchronously, as soon as the
+last of its gradients has been accumulated (a post-accumulate-grad hook), so communication overlaps
+the rest of the backward pass; buckets start in the same order on every rank, so the collectives
+match. The collectives are PyTorch's (NCCL on GPUs, gloo on CPU); what is ours is the bucketing, the
+overlap and the fused packing (``fastcore.ops.pack``: copy, scale and cast many gradients in one launch).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastcore.distributed.buckets import Bucket, assign_buckets
+from fastcore.ops.pack import pack
+
+_COMPRESS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def init_from_env(timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int, torch.device]:
+    """Join the process group described by ``torchrun``'s environment; (rank, world size, device).
+
+    NCCL with one GPU per local rank when CUDA is available, gloo on CPU otherwise. ``timeout``
+    bounds every collective, so a rank that dies makes the others fail instead of hang.
+    """
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"init_from_env: {', '.join(missing)} not set; launch with torchrun "
+                           "(e.g. torchrun --nproc-per-node 2 ...)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class DataParallel(nn.Module):
+    """Wraps ``module`` like ``torch.nn.parallel.DistributedDataParallel``: after ``backward()`` every
+    parameter's ``.grad`` holds the average over the ranks of ``process_group``.
+
+    - Buckets: up to ``bucket_cap_mb`` each (the first ``first_bucket_mb``), per (dtype, device),
+      in reverse parameter order at first, rebuilt once after the first iteration in the order
+      autograd produced the gradients (rank 0's order, broadcast).
+    - ``gradient_as_bucket_view``: gradients are views into the buckets, so no copy is made. A
+      gradient that is not a view (after ``zero_grad(set_to_none=True)``) is copied in, with the
+      other such gradients of its bucket, in one fused launch.
+    - ``compress="bf16"`` or ``"fp16"`` sends each bucket in half precision, divided by the world
+      size before sending so that the sum cannot overflow, then widens the result.
+    - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``,
+      which reduces zeros for them.
+    - ``stats`` after each step: bucket count and bytes, communication and backward time, and the
+      fraction of the all-reduce time that overlapped the backward pass.
+    """
+
+    def __init__(self, module: nn.Module, *, process_group=None, bucket_cap_mb: float = 25,
+                 first_bucket_mb: float = 1, compress: Optional[str] = None, gradient_as_bucket_view: bool = True,
+                 find_unused_parameters: bool = False, broadcast_buffers: bool = True) -> None:
+        super().__init__()
+        if compress not in _COMPRESS:
+            raise ValueError(f"DataParallel: compress must be None, 'bf16' or 'fp16', got {compress!r}")
+        for name, mb in (("bucket_cap_mb", bucket_cap_mb), ("first_bucket_mb", first_bucket_mb)):
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+                raise ValueError(f"DataParallel: {name} must be a number > 0, got {mb!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"DataParallel: module must be a torch.nn.Module, got {type(module).__name__}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DataParallel: torch.distributed is not initialised; call "
+                               "fastcore.distributed.init_from_env() (under torchrun) first")
+        self.module = module
+        self.process_group = process_group or dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self._src = dist.get_global_rank(self.process_group, 0) if process_group is not None else 0
+        self.compress = compress
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.find_unused_parameters = find_unused_parameters
+        self.broadcast_buffers = broadcast_buffers
+        self._caps = (int(bucket_cap_mb * 2**20), int(first_bucket_mb * 2**20))
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        with torch.no_grad():
+            for t in [*self._params, *module.buffers()]:
+                dist.broadcast(t, self._src, group=self.process_group)
+        self._build(list(reversed(range(len(self._params)))))
+        self._rebuilt = False
+        self._sync = True
+        self._in_backward = False
+        self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i))
+                         for i, p in enumerate(self._params)]
+        self.stats: dict = {}
+
+    # ------------------------------------------------------------ buckets
+    def _build(self, order: list[int]) -> None:
+        """Assign buckets, allocate their buffers and (with views) point each gradient into them."""
+        self._buckets: list[Bucket] = assign_buckets(self._params, order, *self._caps)
+        self._bucket_of = [0] * len(self._params)
+        self._views: list[Optional[Tensor]] = [None] * len(self._params)
+        self._buffers = []
+        for b, bucket in enumerate(self._buckets):
+            buffer = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+            self._buffers.append(buffer)
+            for i, offset in zip(bucket.params, bucket.offsets):
+                self._bucket_of[i] = b
+                p = self._params[i]
+                self._views[i] = buffer[offset:offset + p.numel()].view_as(p)
+        if self.gradient_as_bucket_view:
+            with torch.no_grad():
+                for p, view in zip(self._params, self._views):
+                    if p.grad is not None:
+                        view.copy_(p.grad)
+                    p.grad = view
+        wire = _COMPRESS[self.compress]
+        self._wire = [buf if wire is None or buf.dtype == wire else torch.empty(buf.numel(), dtype=wire,
+                                                                                device=buf.device)
+                      for buf in self._buffers]
+
+    # ------------------------------------------------------------ the backward pass
+    def _on_grad(self, i: int) -> None:
+        if not self._sync:
+            return
+        if not self._in_backward:
+            self._start_backward()
+        if self._ready[i]:
+            raise RuntimeError(f"DataParallel: parameter {self._names[i]!r} got its gradient twice in one backward "
+                               "pass (reentrant backward or several backward calls without no_sync())")
+        self._ready[i] = True
+        self._order_seen.append(i)
+        b = self._bucket_of[i]
+        self._pending[b] -= 1
+        if self._pending[b] == 0:
+            self._launch_ready()
+
+    def _start_backward(self) -> None:
+        self._in_backward = True
+        self._ready = [False] * len(self._params)
+        self._order_seen: list[int] = []
+        self._pending = [len(b.params) for b in self._buckets]
+        self._next = 0
+        self._works: list = []
+        self._t_backward = time.perf_counter()
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _launch_ready(self) -> None:
+        """Start every bucket whose gradients are all in, in bucket order (the same on every rank)."""
+        while self._next < len(self._buckets) and self._pending[self._next] == 0:
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, b: int) -> None:
+        bucket, buffer, wire = self._buckets[b], self._buffers[b], self._wire[b]
+        params = [self._params[i] for i in bucket.params]
+        views = [self._views[i] for i in bucket.params]
+        scale = 1.0 / self.world_size
+        if wire is buffer:
+            # Gradients that are not views yet come in by one fused copy; then one scale of the bucket.
+            stray = [(p, v) for p, v in zip(params, views) if p.grad.data_ptr() != v.data_ptr()]
+            if stray:
+                pack([p.grad for p, _ in stray], [v for _, v in stray])
+                if self.gradient_as_bucket_view:
+                    for p, v in stray:
+                        p.grad = v
+            buffer.mul_(scale)
+        else:
+            # Compressing: scale and narrow every gradient into the wire buffer in one launch.
+            flat = [wire[o:o + p.numel()] for p, o in zip(params, bucket.offsets)]
+            pack([p.grad for p in params], flat, scale)
+        start = time.perf_counter()
+        work = dist.all_reduce(wire, group=self.process_group, async_op=True)
+        record = {"bucket": b, "start": start, "end": None}
+        work.get_future().then(lambda fut, r=record: r.update(end=time.perf_counter()))
+        self._works.append((b, work, record))
+
+    def _finish_backward(self) -> None:
+        self._in_backward = False
+        t_end = time.perf_counter()
+        unready = [i for i, ok in enumerate(self._ready) if not ok]
+        if unready:
+            if not self.find_unused_parameters:
+                names = ", ".join(self._names[i] for i in unready)
+                raise RuntimeError(f"DataParallel: these parameters got no gradient in this backward pass: {names}. "
+                                   "Make every parameter take part in the loss, or pass "
+                                   "find_unused_parameters=True to reduce zeros for them.")
+            with torch.no_grad():
+                for i in unready:
+                    p = self._params[i]
+                    if p.grad is None:
+                        p.grad = self._views[i] if self.gradient_as_bucket_view else torch.zeros_like(p)
+                    p.grad.zero_()
+                    self._ready[i] = True
+                    self._pending[self._bucket_of[i]] -= 1
+            self._launch_ready()
+        for b, work, _ in self._works:
+            work.wait()
+            if self._wire[b] is not self._buffers[b]:
+                self._unpack(b)
+            elif not self.gradient_as_bucket_view:
+                self._unpack(b)
+        self._record_stats(t_end)
+        if not self._rebuilt:
+            self._rebuild()
+
+    def _unpack(self, b: int) -> None:
+        """The reduced bucket into the gradients: views are already there unless compressing."""
+        bucket, wire = self._buckets[b], self._wire[b]
+        params = [self._params[i] for i in bucket.params]
+        srcs = [wire[o:o + p.numel()] for p, o in zip(params, bucket.offsets)]
+        dsts = [p.grad for p in params]
+        if self.gradient_as_bucket_view and wire is not self._buffers[b]:
+            dsts = [self._views[i] for i in bucket.params]
+            for p, v in zip(params, dsts):
+                p.grad = v
+        pack(srcs, dsts)
+
+    def _record_stats(self, t_end: float) -> None:
+        comm = overlap = 0.0
+        for _, _, r in self._works:
+            end = r["end"] if r["end"] is not None else time.perf_counter()
+            comm += end - r["start"]
+            overlap += max(0.0, min(end, t_end) - r["start"])
+        self.stats = {"buckets": len(self._buckets), "bucket_bytes": [b.nbytes for b in self._buckets],
+                      "comm_ms": comm * 1e3, "backward_ms": (t_end - self._t_backward) * 1e3,
+                      "overlap": overlap / comm if comm > 0 else 0.0, "rebuilt": self._rebuilt}
+
+    def _rebuild(self) -> None:
+        """Once, after the first iteration: buckets in the order autograd produced the gradients.
+        Ranks can see different orders, so rank 0's is broadcast and used everywhere."""
+        seen = list(self._order_seen)
+        seen += [i for i in reversed(range(len(self._params))) if i not in set(seen)]
+        order = [seen]
+        dist.broadcast_object_list(order, src=self._src, group=self.process_group)
+        self._rebuilt = True
+        if order[0] != [i for b in self._buckets for i in b.params]:
+            grads = [p.grad for p in self._params]
+            self._build(order[0])
+            if not self.gradient_as_bucket_view:
+                for p, g in zip(self._params, grads):
+                    p.grad = g
+
+    # ------------------------------------------------------------ the module
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self._sync:
+            with torch.no_grad():
+                for t in self.module.buffers():
+                    dist.broadcast(t, self._src, group=self.process_group)
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Skip communication for the backward passes inside: gradients accumulate locally, and the
+        first backward after the block reduces the sum."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous

@@ -1,0 +1,148 @@
+"""One rank of a data-parallel test: ``python dist_worker.py SCENARIO RANK WORLD PORT OUT [JSON options]``.
+
+Every rank joins a gloo group on 127.0.0.1 (20 s collective timeout), runs the scenario and writes its
+result as JSON to ``OUT.<rank>``. Rank 0 also computes the single-process reference on the global batch.
+"""
+import contextlib
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastcore.distributed import DataParallel
+
+GLOBAL_BATCH = 12  # divides by 2 and 3 ranks
+
+
+class Net(nn.Module):
+    """Layers registered in an order other than their use, and one layer used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+        self.shared = nn.Linear(16, 16)
+        self.embed = nn.Linear(5, 16)
+        self.norm = nn.LayerNorm(16)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x, use_unused=False):
+        h = torch.tanh(self.shared(torch.tanh(self.shared(self.embed(x)))))
+        out = self.head(self.norm(h))
+        return out + self.unused(torch.zeros(1, 2)).sum() * 0 if use_unused else out
+
+
+def data(step, n=GLOBAL_BATCH):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 5, generator=gen), torch.randn(n, 3, generator=gen)
+
+
+def shard(t, rank, world):
+    per = t.shape[0] // world
+    return t[rank * per:(rank + 1) * per]
+
+
+def loss_fn(model, x, y, **kw):
+    return nn.functional.mse_loss(model(x, **kw), y)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return Net()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def train_parity(rank, world, opts, micro=1, steps=5):
+    """DataParallel over shards against one process on the whole batch, micro-batches accumulated."""
+    torch.manual_seed(0 if rank == 0 else 1000 + rank)  # other ranks start elsewhere: the broadcast must fix it
+    model = Net()
+    dp = DataParallel(model, **opts)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = []
+    for step in range(steps):
+        for m in range(micro):
+            x, y = data(step * micro + m)
+            with dp.no_sync() if m < micro - 1 else contextlib.nullcontext():
+                (loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_unused=True) / micro).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=step % 2 == 0)  # both: gradients re-adopted into buckets, and zeroed in place
+        stats.append(dp.stats)
+    result = {"stats": stats, "buckets": [b.params for b in dp._buckets]}
+    if rank == 0:
+        ref = make_model()
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        for step in range(steps):
+            for m in range(micro):
+                x, y = data(step * micro + m)
+                (loss_fn(ref, x, y, use_unused=True) / micro).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        result["err"] = max(rel_err(p.detach(), q.detach()) for p, q in zip(model.parameters(), ref.parameters()))
+    return result
+
+
+def compress(rank, world, opts):
+    model = make_model()
+    dp = DataParallel(model, compress=opts["compress"], bucket_cap_mb=0.001, first_bucket_mb=0.0005)
+    x, y = data(0)
+    loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_unused=True).backward()
+    result = {}
+    if rank == 0:
+        ref = make_model()
+        loss_fn(ref, x, y, use_unused=True).backward()
+        result["err"] = max(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters())
+                            if q.grad is not None)
+        result["dtypes"] = sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None})
+    return result
+
+
+def unused(rank, world, opts):
+    model = make_model()
+    dp = DataParallel(model, find_unused_parameters=opts["find"])
+    x, y = data(0)
+    try:
+        loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"unused_grad_zero": bool(torch.all(model.unused.weight.grad == 0))}
+
+
+def die(rank, world, opts):
+    model = make_model()
+    dp = DataParallel(model)
+    if rank == world - 1:
+        os._exit(3)  # a rank that dies mid-run, without a word
+    x, y = data(0)
+    try:
+        loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_unused=True).backward()
+        dist.barrier()
+    except Exception as exc:  # gloo reports the lost peer or the timeout
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"error": None}
+
+
+SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
+             "compress": compress, "unused": unused, "die": die}
+
+
+def main():
+    scenario, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))
+    result = SCENARIOS[scenario](rank, world, opts)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    if scenario != "die":
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

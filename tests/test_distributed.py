@@ -1,0 +1,151 @@
+"""DataParallel on gloo: several processes on 127.0.0.1 (tests/dist_worker.py), each run under a timeout,
+against one process on the global batch; and bucket assignment by hand."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fastcore.distributed import DataParallel, assign_buckets, init_from_env
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(scenario: str, world: int, tmp_path, **opts) -> list:
+    """Each rank's JSON result (None for a rank that wrote none); fails the test on a hang."""
+    out, port = tmp_path / scenario, free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(r), str(world), str(port), str(out),
+                               json.dumps(opts)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{scenario}: a rank hung past {TIMEOUT_S} s")
+    results = []
+    for r, (p, (_, err)) in enumerate(zip(procs, logs)):
+        path = Path(f"{out}.{r}")
+        results.append(json.loads(path.read_text()) if path.exists() else None)
+        if scenario != "die":
+            assert p.returncode == 0, f"rank {r}: {err[-3000:]}"
+    return results
+
+
+@pytest.mark.parametrize("world,dp", [
+    (2, {}),                                                       # default caps: one bucket
+    (3, {}),
+    (2, {"bucket_cap_mb": 0.0005, "first_bucket_mb": 0.0002}),     # many tiny buckets
+    (2, {"bucket_cap_mb": 100, "first_bucket_mb": 100}),           # a single bucket
+    (2, {"gradient_as_bucket_view": False, "bucket_cap_mb": 0.001}),
+])
+def test_parity_with_one_process_on_the_global_batch(tmp_path, world, dp):
+    results = run_ranks("parity", world, tmp_path, dp=dp)
+    assert results[0]["err"] <= 1e-5, results[0]["err"]
+    for r in results:
+        assert r["buckets"] == results[0]["buckets"]  # the rebuilt layout is rank 0's everywhere
+        assert [s["rebuilt"] for s in r["stats"]] == [False] + [True] * 4
+        for s in r["stats"]:
+            assert s["buckets"] == len(s["bucket_bytes"]) and 0.0 <= s["overlap"] <= 1.0
+            assert s["comm_ms"] > 0 and s["backward_ms"] > 0
+
+
+def test_no_sync_accumulation_parity(tmp_path):
+    results = run_ranks("parity", 2, tmp_path, micro=3, dp={"bucket_cap_mb": 0.001})
+    assert results[0]["err"] <= 1e-5, results[0]["err"]
+
+
+def test_rebuild_follows_the_order_autograd_produced(tmp_path):
+    """Net registers head, shared, embed, norm: the first layout (reverse registration) puts embed before
+    shared before head, while autograd produces head's gradients first and embed's last."""
+    results = run_ranks("parity", 2, tmp_path, dp={"bucket_cap_mb": 0.0005, "first_bucket_mb": 0.0002})
+    names = [n for n, _ in _net().named_parameters()]
+    position = {names[i]: k for k, i in enumerate(i for bucket in results[0]["buckets"] for i in bucket)}
+    assert position["head.weight"] < position["shared.weight"] < position["embed.weight"], position
+
+
+@pytest.mark.parametrize("compress", ["bf16", "fp16"])
+def test_compressed_buckets_stay_close_to_fp32(tmp_path, compress):
+    results = run_ranks("compress", 2, tmp_path, compress=compress)
+    assert results[0]["err"] <= 1e-2, results[0]["err"]
+    assert results[0]["dtypes"] == ["torch.float32"]  # gradients come back in the parameters' dtype
+
+
+def test_unused_parameters_are_named_or_reduced_as_zeros(tmp_path):
+    refused = run_ranks("unused", 2, tmp_path, find=False)
+    for r in refused:
+        assert "unused.weight" in r["error"] and "unused.bias" in r["error"]
+        assert "find_unused_parameters=True" in r["error"]
+    allowed = run_ranks("unused", 2, tmp_path, find=True)
+    assert all(r["unused_grad_zero"] for r in allowed)
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    results = run_ranks("die", 2, tmp_path)
+    assert results[1] is None  # it died before writing anything
+    assert results[0]["error"], "the surviving rank finished as if nothing happened"
+
+
+# ---------------------------------------------------------------- bucket assignment, in-process
+def _net():
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import Net
+
+    return Net()
+
+
+def test_buckets_respect_caps_and_never_split_a_tensor():
+    params = [torch.zeros(n) for n in (10, 20, 30, 5, 100, 7)]  # float32: 4 bytes each
+    buckets = assign_buckets(params, list(reversed(range(6))), bucket_cap_bytes=4 * 40, first_bucket_bytes=4 * 10)
+    assert [b.params for b in buckets] == [[5], [4], [3, 2], [1, 0]]  # first cap 10 elements, then 40
+    assert [b.offsets for b in buckets] == [[0], [0], [0, 5], [0, 20]]
+    assert [b.numel for b in buckets] == [7, 100, 35, 30]  # the 100-element tensor alone, over the cap
+    for b in buckets:
+        assert b.nbytes == 4 * b.numel
+
+
+def test_buckets_separate_dtypes_and_follow_the_order():
+    params = [torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)]
+    buckets = assign_buckets(params, [3, 2, 1, 0], bucket_cap_bytes=1 << 20, first_bucket_bytes=1 << 20)
+    assert [(b.dtype, b.params) for b in buckets] == [(torch.bfloat16, [3, 1]), (torch.float32, [2, 0])]
+
+
+def test_bucket_assignment_rejects_bad_arguments():
+    params = [torch.zeros(3), torch.zeros(3)]
+    with pytest.raises(ValueError, match="order must list every parameter"):
+        assign_buckets(params, [0, 0], 100, 100)
+    with pytest.raises(ValueError, match="bucket caps must be > 0"):
+        assign_buckets(params, [0, 1], 0, 100)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(compress="int8"), ValueError, "compress must be None, 'bf16' or 'fp16'"),
+    (dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a number > 0"),
+    (dict(first_bucket_mb=-1), ValueError, "first_bucket_mb must be a number > 0"),
+    (dict(), RuntimeError, "torch.distributed is not initialised"),
+])
+def test_data_parallel_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DataParallel(nn.Linear(2, 2), **kwargs)
+
+
+def test_init_from_env_needs_torchrun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_from_env()
