@@ -27,7 +27,8 @@ MODES = ("fwd", "bwd", "fwd+bwd", "step")
 MIN_REPEATS = 15
 CPU_PASSES = 5
 # Each module registers its benchmarks on import; later ops append theirs here.
-BENCH_MODULES = ("fastcore.bench.bench_norm", "fastcore.bench.bench_attention", "fastcore.bench.bench_adamw")
+BENCH_MODULES = ("fastcore.bench.bench_norm", "fastcore.bench.bench_attention", "fastcore.bench.bench_adamw",
+                 "fastcore.bench.bench_data_parallel")
 EAGER = "torch"  # the provider fastcore speedups are measured against, unless a benchmark names another
 RESULTS_FORMAT = 1  # bump when the results file changes shape
 
@@ -397,14 +398,16 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
                 if p == 0:
                     peaks[i] = {name: peak_memory(step, device) for name, step in steps.items()}
                 if p == passes - 1:
-                    for row in _rows(bench, case, timings, peaks[i], result):
+                    # A step may report figures of its own (data parallel: the overlap fraction).
+                    extras = {name: step.extras() for name, step in steps.items() if hasattr(step, "extras")}
+                    for row in _rows(bench, case, timings, peaks[i], result, extras):
                         if on_row:
                             on_row(row)
                 del steps  # free this case's inputs before the next case allocates its own
     return result
 
 
-def _rows(bench: Benchmark, case: Case, timings: dict, peaks: dict, result: Run) -> list[dict]:
+def _rows(bench: Benchmark, case: Case, timings: dict, peaks: dict, result: Run, extras: dict) -> list[dict]:
     kind, amount = bench.work(case)
     unit = "gbps" if kind == "bytes" else "tflops"
     floor_key = "copy_gbps" if unit == "gbps" else "matmul_tflops"
@@ -421,6 +424,7 @@ def _rows(bench: Benchmark, case: Case, timings: dict, peaks: dict, result: Run)
         if name.startswith("fastcore-") and eager is not None:
             row["speedup"] = eager[0] / median
             row["speedup_over"] = bench.baseline
+        row.update(extras.get(name, {}))
         rows.append(row)
     result.rows += rows
     return rows

@@ -131,6 +131,23 @@ def test_a_benchmark_can_name_its_baseline_provider():
     assert slow["speedup_over"] == "fastcore-fast" and slow["speedup"] == pytest.approx(0.001 / 4.001)
 
 
+def test_a_step_can_add_figures_to_its_row():
+    def setup(fn, case, device):
+        step = _toy_setup(fn, case, device)
+        step.extras = lambda: {"overlap": 0.25}
+        return step
+    bench = harness.register(harness.Benchmark(op="toy_extras", providers=lambda d: {"torch": CLOCK.spender(2)},
+                                               cases=_toy_cases, setup=setup, work=lambda case: ("bytes", 8)))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(harness, "clock", CLOCK.perf_counter)
+            mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
+            rows = harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS).rows
+    finally:
+        harness.unregister(bench.op)
+    assert [r["overlap"] for r in rows] == [0.25]
+
+
 def test_adamw_bytes_and_lists_by_hand():
     from fastcore.bench import bench_adamw
 

@@ -1,0 +1,153 @@
+"""Data parallelism: fastcore's DataParallel against torch's DistributedDataParallel, with the same
+bucket sizes, on the same model and data, in the same run.
+
+    fastcore bench data_parallel [--quick]
+
+Two gloo ranks on CPU: this process is rank 0 and times the steps; a follower process (rank 1) runs
+the same step for each one, on a command broadcast by rank 0 (both providers pay that broadcast).
+Each rank has one thread. A step is forward + backward + the gradient all-reduce of a ~10M-parameter
+MLP; ``stats`` of the last fastcore step give the overlap of communication with the backward pass.
+The floor is the all-reduce itself: 2 ranks move ~40 MB of fp32 gradients through gloo per step.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastcore.bench.harness import Benchmark, Case, register
+
+WORLD = 2
+WIDTH, DEPTH, BATCH = 1152, 2, 16  # 2 blocks of 1152 -> 2304 -> 1152: 10.6M parameters
+PROVIDERS = ("fastcore-cpu", "torch")
+_STOP, _SETUP, _STEP = 0, 1, 2
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(DEPTH):
+        layers += [nn.Linear(WIDTH, WIDTH * 2), nn.GELU(), nn.Linear(WIDTH * 2, WIDTH)]
+    return nn.Sequential(*layers)
+
+
+def wrap(provider: str, module: nn.Module) -> nn.Module:
+    if provider == "torch":
+        return nn.parallel.DistributedDataParallel(module, bucket_cap_mb=25)
+    from fastcore.distributed import DataParallel
+
+    return DataParallel(module, bucket_cap_mb=25, first_bucket_mb=1)
+
+
+def _train_step(net: nn.Module, x: torch.Tensor):
+    """One forward and backward; gradients are reset in place so the buckets stay views."""
+    for p in net.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    net(x).square().mean().backward()
+
+
+class _Group:
+    """Rank 0 of a 2-rank gloo group, with the follower process as rank 1."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.follower = subprocess.Popen([sys.executable, "-m", "fastcore.bench.bench_data_parallel", str(port)])
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=WORLD,
+                                timeout=timedelta(seconds=120))
+        self.nets: dict = {}
+        atexit.register(self.close)
+
+    def command(self, op: int, provider: int = 0) -> None:
+        dist.broadcast(torch.tensor([op, provider]), 0)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            self.command(_STOP)
+            dist.destroy_process_group()
+        self.follower.wait(timeout=60)
+
+
+_group: _Group | None = None
+
+
+def _single_threaded(fn):
+    def run(*args):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+def setup(make: functools.partial, case: Case, device: str):
+    global _group
+    provider = make.args[0]
+    if _group is None:
+        _group = _Group()
+    index = PROVIDERS.index(provider)
+    _group.command(_SETUP, index)
+    net = _group.nets[provider] = make(model())
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
+
+    @_single_threaded
+    def step():
+        _group.command(_STEP, index)
+        _train_step(net, x)
+    step.extras = lambda: _overlap(net)
+    return step
+
+
+def _overlap(net) -> dict:
+    """fastcore's own measure, from the last step; DDP exposes none."""
+    stats = getattr(net, "stats", None)
+    return {"overlap": stats["overlap"], "buckets": stats["buckets"]} if stats else {}
+
+
+def providers(device: str) -> dict:
+    if device != "cpu":
+        return {name: "the GPU run needs NCCL and several GPUs; not written yet" for name in PROVIDERS}
+    return {name: functools.partial(wrap, name) for name in PROVIDERS}
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    return [] if quick else [Case((WORLD, sum(p.numel() for p in model().parameters())), torch.float32, "step",
+                                  size=WIDTH, tag="gloo mlp")]
+
+
+def _follower(port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    nets = {}
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(2))
+    while True:
+        cmd = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(cmd, 0)
+        op, provider = int(cmd[0]), PROVIDERS[int(cmd[1])]
+        if op == _STOP:
+            break
+        if op == _SETUP:
+            nets[provider] = wrap(provider, model())
+        else:
+            _train_step(nets[provider], x)
+    dist.destroy_process_group()
+
+
+register(Benchmark(op="data_parallel", providers=providers, cases=cases, setup=setup,
+                   work=lambda case: ("bytes", 4 * case.shape[1]), size_name="hidden width (2 gloo ranks)",
+                   baseline="torch"))
+
+if __name__ == "__main__":
+    _follower(int(sys.argv[1]))
