@@ -295,6 +295,13 @@ __global__ void __launch_bounds__(kBlock, kMinBlocksPerSM) adamw_kernel(const Ar
   if (threadIdx.x == 0) s_chunk = prepare_chunk<P, AMSGRAD, MASTER>(a, static_cast<int64_t>(blockIdx.x));
   __syncthreads();
   const Chunk<P> c = s_chunk;
+  // Table addresses are device-global memory; saying so turns generic LD / ST into LDG / STG.
+  __builtin_assume(__isGlobal(c.param));
+  __builtin_assume(__isGlobal(c.grad));
+  __builtin_assume(__isGlobal(c.exp_avg));
+  __builtin_assume(__isGlobal(c.exp_avg_sq));
+  if constexpr (AMSGRAD) __builtin_assume(__isGlobal(c.max_exp_avg_sq));
+  if constexpr (MASTER) __builtin_assume(__isGlobal(c.master));
 
   constexpr int V = kVec<P>;
   const int64_t nvec = c.vec_ok ? c.n / V : 0;
