@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 from fastcore.distributed import DataParallel
@@ -63,7 +64,8 @@ def train_parity(rank, world, opts, micro=1, steps=5):
     torch.manual_seed(0 if rank == 0 else 1000 + rank)  # other ranks start elsewhere: the broadcast must fix it
     model = Net()
     dp = DataParallel(model, **opts)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # Plain SGD: unlike Adam it does not cancel a wrong scale, so a sum instead of an average shows.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats = []
     for step in range(steps):
         for m in range(micro):
@@ -76,7 +78,7 @@ def train_parity(rank, world, opts, micro=1, steps=5):
     result = {"stats": stats, "buckets": [b.params for b in dp._buckets]}
     if rank == 0:
         ref = make_model()
-        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
         for step in range(steps):
             for m in range(micro):
                 x, y = data(step * micro + m)
@@ -127,8 +129,61 @@ def die(rank, world, opts):
     return {"error": None}
 
 
+class Blocks(nn.Module):
+    """Three blocks under reentrant activation checkpointing, plus a branch used only on request."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(5, 5), nn.Tanh()) for _ in range(3))
+        self.branch = nn.Linear(5, 5)
+        self.frozen = nn.Linear(5, 5).requires_grad_(False)
+
+    def forward(self, x, use_branch=True):
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=True) if x.requires_grad else block(x)
+        x = self.frozen(x)
+        return self.branch(x) if use_branch else x
+
+
+def grads(rank, world, opts):
+    """Gradients after DataParallel against one process on the global batch, for the awkward cases."""
+    mode = opts["mode"]
+    torch.manual_seed(0 if rank == 0 else 7 + rank)
+    model = Blocks()
+    dp = DataParallel(model, find_unused_parameters=mode == "unused_nosync")
+    x, y = data(0)
+    x, y = x.requires_grad_(), y[:, :1].expand(-1, 5).contiguous()
+    result = {"frozen": model.frozen.weight.sum().item()}
+    if mode == "checkpoint":
+        loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
+    elif mode == "unused_nosync":  # the branch takes part only in the no_sync micro-batch
+        with dp.no_sync():
+            (loss_fn(dp, shard(x, rank, world)[:3], shard(y, rank, world)[:3]) / 2).backward()
+        (loss_fn(dp, shard(x, rank, world)[3:], shard(y, rank, world)[3:], use_branch=False) / 2).backward()
+    elif mode == "one_rank_unused":  # rank 1 leaves the branch out: it alone raises, nobody hangs
+        try:
+            loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_branch=rank != 1).backward()
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+        return result
+    if rank == 0:
+        torch.manual_seed(0)
+        ref = Blocks()
+        xs = [shard(x, r, world) for r in range(world)]
+        ys = [shard(y, r, world) for r in range(world)]
+        for r in range(world):
+            if mode == "checkpoint":
+                (loss_fn(ref, xs[r], ys[r]) / world).backward()
+            else:
+                (loss_fn(ref, xs[r][:3], ys[r][:3]) / 2 / world).backward()
+                (loss_fn(ref, xs[r][3:], ys[r][3:], use_branch=False) / 2 / world).backward()
+        result["err"] = max(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters())
+                            if q.grad is not None)
+    return result
+
+
 SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
-             "compress": compress, "unused": unused, "die": die}
+             "compress": compress, "unused": unused, "die": die, "grads": grads}
 
 
 def main():

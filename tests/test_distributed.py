@@ -95,6 +95,20 @@ def test_unused_parameters_are_named_or_reduced_as_zeros(tmp_path):
     assert all(r["unused_grad_zero"] for r in allowed)
 
 
+@pytest.mark.parametrize("mode", ["checkpoint", "unused_nosync"])
+def test_checkpointing_and_gradients_kept_from_no_sync(tmp_path, mode):
+    """Reentrant activation checkpointing runs nested backward passes; a parameter used only under
+    no_sync keeps its accumulated gradient, which is averaged. Frozen weights are rank 0's everywhere."""
+    results = run_ranks("grads", 2, tmp_path, mode=mode)
+    assert results[0]["err"] <= 1e-5, results[0]["err"]
+    assert results[0]["frozen"] == results[1]["frozen"]
+
+
+def test_an_unused_parameter_on_one_rank_raises_there_without_hanging_the_others(tmp_path):
+    results = run_ranks("grads", 2, tmp_path, mode="one_rank_unused")
+    assert "branch.weight" in results[1]["error"] and "error" not in results[0]
+
+
 def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     results = run_ranks("die", 2, tmp_path)
     assert results[1] is None  # it died before writing anything

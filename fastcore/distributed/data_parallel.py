@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
 from fastcore.distributed.buckets import Bucket, assign_buckets
 from fastcore.ops.pack import pack
 
@@ -43,6 +45,22 @@ def init_from_env(timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int,
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+class _Sink(torch.autograd.Function):
+    """Identity on the forward outputs. Its backward runs first in the outer backward pass, so that
+    is where a reduction starts and its end-of-backward callback is queued, also when activation
+    checkpointing runs nested backward passes."""
+
+    @staticmethod
+    def forward(ctx, dp, *tensors):
+        ctx.dp = dp
+        return tuple(t.view_as(t) for t in tensors) if len(tensors) > 1 else tensors[0].view_as(tensors[0])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.dp._start_backward()
+        return (None, *grads)
 
 
 class DataParallel(nn.Module):
@@ -89,8 +107,11 @@ class DataParallel(nn.Module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        with torch.no_grad():
-            for t in [*self._params, *module.buffers()]:
+        devices = {t.device for t in [*module.parameters(), *module.buffers()]}
+        if len(devices) > 1:
+            raise ValueError(f"DataParallel: the module's tensors must be on one device, got {sorted(map(str, devices))}")
+        with torch.no_grad():  # every parameter, frozen ones too, and every buffer: rank 0's values
+            for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t, self._src, group=self.process_group)
         self._build(list(reversed(range(len(self._params)))))
         self._rebuilt = False
@@ -114,12 +135,12 @@ class DataParallel(nn.Module):
                 self._bucket_of[i] = b
                 p = self._params[i]
                 self._views[i] = buffer[offset:offset + p.numel()].view_as(p)
-        if self.gradient_as_bucket_view:
+        if self.gradient_as_bucket_view:  # existing gradients move into the new views; None stays None
             with torch.no_grad():
                 for p, view in zip(self._params, self._views):
                     if p.grad is not None:
                         view.copy_(p.grad)
-                    p.grad = view
+                        p.grad = view
         wire = _COMPRESS[self.compress]
         self._wire = [buf if wire is None or buf.dtype == wire else torch.empty(buf.numel(), dtype=wire,
                                                                                 device=buf.device)
@@ -127,10 +148,8 @@ class DataParallel(nn.Module):
 
     # ------------------------------------------------------------ the backward pass
     def _on_grad(self, i: int) -> None:
-        if not self._sync:
-            return
         if not self._in_backward:
-            self._start_backward()
+            return  # a backward through a forward taken under no_sync()
         if self._ready[i]:
             raise RuntimeError(f"DataParallel: parameter {self._names[i]!r} got its gradient twice in one backward "
                                "pass (reentrant backward or several backward calls without no_sync())")
@@ -185,30 +204,30 @@ class DataParallel(nn.Module):
         self._in_backward = False
         t_end = time.perf_counter()
         unready = [i for i, ok in enumerate(self._ready) if not ok]
-        if unready:
-            if not self.find_unused_parameters:
-                names = ", ".join(self._names[i] for i in unready)
-                raise RuntimeError(f"DataParallel: these parameters got no gradient in this backward pass: {names}. "
-                                   "Make every parameter take part in the loss, or pass "
-                                   "find_unused_parameters=True to reduce zeros for them.")
-            with torch.no_grad():
-                for i in unready:
-                    p = self._params[i]
-                    if p.grad is None:
-                        p.grad = self._views[i] if self.gradient_as_bucket_view else torch.zeros_like(p)
-                    p.grad.zero_()
-                    self._ready[i] = True
-                    self._pending[self._bucket_of[i]] -= 1
-            self._launch_ready()
+        with torch.no_grad():
+            # A parameter without a gradient in this backward still takes part, so that every rank
+            # issues the same collectives: its gradient so far (accumulated under no_sync, or from
+            # an earlier backward), or zeros.
+            for i in unready:
+                p = self._params[i]
+                if p.grad is None:
+                    p.grad = self._views[i].zero_() if self.gradient_as_bucket_view else torch.zeros_like(p)
+                self._ready[i] = True
+                self._pending[self._bucket_of[i]] -= 1
+        self._launch_ready()
         for b, work, _ in self._works:
             work.wait()
-            if self._wire[b] is not self._buffers[b]:
-                self._unpack(b)
-            elif not self.gradient_as_bucket_view:
+            if self._wire[b] is not self._buffers[b] or not self.gradient_as_bucket_view:
                 self._unpack(b)
         self._record_stats(t_end)
         if not self._rebuilt:
             self._rebuild()
+        if unready and not self.find_unused_parameters:
+            # Raised after every collective of this pass, so the other ranks are not left waiting.
+            names = ", ".join(self._names[i] for i in unready)
+            raise RuntimeError(f"DataParallel: these parameters got no gradient in this backward pass: {names}. "
+                               "Make every parameter take part in the loss, or pass "
+                               "find_unused_parameters=True to reduce zeros for them.")
 
     def _unpack(self, b: int) -> None:
         """The reduced bucket into the gradients: views are already there unless compressing."""
@@ -220,7 +239,11 @@ class DataParallel(nn.Module):
             dsts = [self._views[i] for i in bucket.params]
             for p, v in zip(params, dsts):
                 p.grad = v
-        pack(srcs, dsts)
+        dense = [k for k, d in enumerate(dsts) if d.is_contiguous()]
+        pack([srcs[k] for k in dense], [dsts[k] for k in dense])
+        for k, d in enumerate(dsts):
+            if not d.is_contiguous():  # e.g. a channels_last gradient
+                d.copy_(srcs[k].view(d.shape))
 
     def _record_stats(self, t_end: float) -> None:
         comm = overlap = 0.0
@@ -249,11 +272,22 @@ class DataParallel(nn.Module):
 
     # ------------------------------------------------------------ the module
     def forward(self, *args, **kwargs):
+        self._in_backward = False  # a backward that raised midway left its state behind
         if self.broadcast_buffers and self._sync:
             with torch.no_grad():
                 for t in self.module.buffers():
                     dist.broadcast(t, self._src, group=self.process_group)
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        if not (self._sync and torch.is_grad_enabled()):
+            return out  # whether to reduce is decided here, at forward time, as in DDP
+        leaves, spec = tree_flatten(out)
+        grads = [k for k, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
+        if not grads:
+            return out
+        through = _Sink.apply(self, *[leaves[k] for k in grads])
+        for k, t in zip(grads, through if isinstance(through, tuple) else (through,)):
+            leaves[k] = t
+        return tree_unflatten(leaves, spec)
 
     @contextlib.contextmanager
     def no_sync(self):
