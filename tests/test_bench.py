@@ -115,18 +115,22 @@ def test_results_schema_and_derived_figures(toy_run):
         assert row["median_ms"] == pytest.approx(0.001) and row["speedup"] == pytest.approx(2001)
 
 
-def test_a_benchmark_can_name_its_baseline_provider():
-    """AdamW measures speedups over torch's fused AdamW, not over the eager provider."""
-    bench = harness.register(harness.Benchmark(op="toy_baseline", providers=_toy_providers, cases=_toy_cases,
-                                               setup=_toy_setup, work=lambda case: ("bytes", 8),
-                                               baseline="fastcore-fast"))
+def _run_once(bench: harness.Benchmark) -> list:
+    """The rows of one quick run of ``bench`` under the fake clock; registered only meanwhile."""
+    harness.register(bench)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(harness, "clock", CLOCK.perf_counter)
             mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
-            rows = harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS).rows
+            return harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS).rows
     finally:
         harness.unregister(bench.op)
+
+
+def test_a_benchmark_can_name_its_baseline_provider():
+    """AdamW measures speedups over torch's fused AdamW, not over the eager provider."""
+    rows = _run_once(harness.Benchmark(op="toy_baseline", providers=_toy_providers, cases=_toy_cases,
+                                       setup=_toy_setup, work=lambda case: ("bytes", 8), baseline="fastcore-fast"))
     slow = next(r for r in rows if r["provider"] == "fastcore-slow")
     assert slow["speedup_over"] == "fastcore-fast" and slow["speedup"] == pytest.approx(0.001 / 4.001)
 
@@ -136,15 +140,8 @@ def test_a_step_can_add_figures_to_its_row():
         step = _toy_setup(fn, case, device)
         step.extras = lambda: {"overlap": 0.25}
         return step
-    bench = harness.register(harness.Benchmark(op="toy_extras", providers=lambda d: {"torch": CLOCK.spender(2)},
-                                               cases=_toy_cases, setup=setup, work=lambda case: ("bytes", 8)))
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(harness, "clock", CLOCK.perf_counter)
-            mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
-            rows = harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS).rows
-    finally:
-        harness.unregister(bench.op)
+    rows = _run_once(harness.Benchmark(op="toy_extras", providers=lambda d: {"torch": CLOCK.spender(2)},
+                                       cases=_toy_cases, setup=setup, work=lambda case: ("bytes", 8)))
     assert [r["overlap"] for r in rows] == [0.25]
 
 

@@ -52,26 +52,7 @@ constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; kernels grid-stri
 
 // to_float / from_float: convert.h
 
-// The alignment makes the compiler emit a single 16-byte access for VEC*sizeof(T) == 16.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_f(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_f(T* p, const float (&in)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
-}
+// Pack, load_f, store_f: convert.h
 
 // ---------------------------------------------------------------------------
 // Row-group reductions

@@ -63,27 +63,7 @@ constexpr int kVec = static_cast<int>(16 / (sizeof(S) > sizeof(D) ? sizeof(S) : 
 template <typename S, typename D>
 constexpr int kUnroll = kElemsPerIter / kVec<S, D>;
 
-// N elements of T as one access of N * sizeof(T) (8 or 16) bytes; the
-// alignment makes the compiler emit a single vector load / store.
-template <typename T, int N>
-struct alignas(N * sizeof(T)) Pack {
-  T v[N];
-};
-
-template <typename T, int N>
-__device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
-#pragma unroll
-  for (int i = 0; i < N; ++i) out[i] = to_float(pk.v[i]);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
+// Pack, load_f, store_f: convert.h
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -98,14 +78,14 @@ __device__ __forceinline__ void convert_vectors(const S* src, D* dst, int64_t j,
   constexpr int N = kVec<S, D>;
   float x[U][N];
 #pragma unroll
-  for (int u = 0; u < U; ++u) load_pack<S, N>(src + (j + static_cast<int64_t>(u) * kBlock) * N, x[u]);
+  for (int u = 0; u < U; ++u) load_f<S, N>(src + (j + static_cast<int64_t>(u) * kBlock) * N, x[u]);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
 #pragma unroll
     for (int i = 0; i < N; ++i) x[u][i] = x[u][i] * scale;
   }
 #pragma unroll
-  for (int u = 0; u < U; ++u) store_pack<D, N>(dst + (j + static_cast<int64_t>(u) * kBlock) * N, x[u]);
+  for (int u = 0; u < U; ++u) store_f<D, N>(dst + (j + static_cast<int64_t>(u) * kBlock) * N, x[u]);
 }
 
 template <typename S, typename D>
