@@ -274,11 +274,7 @@ class DataParallel(nn.Module):
         dist.broadcast_object_list(order, src=self._src, group=self.process_group)
         self._rebuilt = True
         if order[0] != [i for b in self._buckets for i in b.params]:
-            grads = [p.grad for p in self._params]
-            self._build(order[0])
-            if not self.gradient_as_bucket_view:
-                for p, g in zip(self._params, grads):
-                    p.grad = g
+            self._build(order[0])  # moves any gradient that is a view into the new buckets
 
     # ------------------------------------------------------------ the module
     def forward(self, *args, **kwargs):
