@@ -115,6 +115,28 @@ def _load_block(ptr, b, h, start, stride_b, stride_h, stride_t, stride_d, T,
 
 
 @triton.jit
+def _store_block(ptr, x, b, h, start, stride_b, stride_h, stride_t, stride_d, T,
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # _load_block's inverse: rows past T and columns past HEAD_DIM are not written.
+    rows = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    base = ptr + b * stride_b + h * stride_h + tl.cast(start, tl.int64) * stride_t
+    tl.store(base + rows[:, None] * stride_t + offs_d[None, :] * stride_d, x.to(ptr.dtype.element_ty),
+             mask=(start + rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _query_block(H, GROUP, Tq, BLOCK_M: tl.constexpr):
+    # This program's query block: (batch x head, batch, head, kv head, first row, rows, rows < Tq).
+    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    start_m = tl.program_id(1) * BLOCK_M
+    b = tl.cast(bh // H, tl.int64)
+    h = tl.cast(bh % H, tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return bh, b, h, h // GROUP, start_m, offs_m, offs_m < Tq
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_F32: tl.constexpr):
     # fp32 accumulation always; fp32 operands in true fp32 ("ieee": never tf32).  DOT_F32
     # widens 16-bit operands first, which is exact; it is only set under the interpreter,
@@ -123,6 +145,31 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _load_t_block(head, start_n, stride_t, stride_d, T, MASKED: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Rows start_n..start_n+BLOCK_N of one head, read transposed as (D, BLOCK_N), so that
+    # q @ kT needs no register shuffle; rows past T are masked only when MASKED.
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = head + tl.cast(start_n, tl.int64) * stride_t + offs_n[None, :] * stride_t + offs_d[:, None] * stride_d
+    return _load_tile(ptrs, offs_d < HEAD_DIM, start_n + offs_n < T, BLOCK_D != HEAD_DIM, MASKED)
+
+
+@triton.jit
+def _scores(q, kT, start_n, offs_m, Tk, causal_off, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+            BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    # q kT in log2 units; keys past Tk (and above the diagonal when causal) are -inf.
+    s = _mma(q, kT, None, DOT_F32) * qk_scale
+    if MASKED:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = (offs_n < Tk)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -139,15 +186,8 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         n64 = tl.cast(start_n, tl.int64)
         n_ok = start_n + offs_n < Tk
-        # k is read transposed, (D, BLOCK_N), so q @ kT needs no register shuffle.
-        kT_ptrs = K_head + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-        kT = _load_tile(kT_ptrs, d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
-        s = _mma(q, kT, None, DOT_F32) * qk_scale
-        if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (start_n + offs_n[None, :] <= offs_m[:, None] + causal_off)
-            s = tl.where(keep, s, float("-inf"))
+        kT = _load_t_block(K_head, start_n, stride_kt, stride_kd, Tk, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
+        s = _scores(q, kT, start_n, offs_m, Tk, causal_off, qk_scale, MASKED, CAUSAL, BLOCK_N, DOT_F32)
         # m_i starts finite (see caller), so a row whose keys so far are all masked gets
         # p = 2^(-inf) = 0 and alpha = 1 instead of NaN from (-inf) - (-inf).
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -191,18 +231,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
-    start_m = tl.program_id(1) * BLOCK_M
-    b = tl.cast(bh // H, tl.int64)
-    h = tl.cast(bh % H, tl.int64)
-    hk = h // GROUP
-    m64 = tl.cast(start_m, tl.int64)
-
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = start_m + rows
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Tq
-    d_ok = offs_d < HEAD_DIM
+    bh, b, h, hk, start_m, offs_m, m_ok = _query_block(H, GROUP, Tq, BLOCK_M)
     q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     K_head = K + b * stride_kb + hk * stride_kh
     V_head = V + b * stride_vb + hk * stride_vh
@@ -228,9 +257,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = (O + b * stride_ob + h * stride_oh + m64 * stride_ot
-              + rows[:, None] * stride_ot + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_block(O, o, b, h, start_m, stride_ob, stride_oh, stride_ot, stride_od, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     tl.store(LSE + tl.cast(bh, tl.int64) * Tq + offs_m, lse, mask=m_ok)
 
 
@@ -308,12 +335,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(1) * BLOCK_N
     b = tl.cast(bhk // HKV, tl.int64)
     hk = tl.cast(bhk % HKV, tl.int64)
-    n64 = tl.cast(start_n, tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    offs_n = start_n + cols
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < Tk
-    d_ok = offs_d < HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     # Keys past Tk load as 0.  Their dk/dv rows may hold junk, but each row only depends on
     # its own key, and they are never stored.
     k = _load_block(K, b, hk, start_n, stride_kb, stride_kh, stride_kt, stride_kd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -352,13 +374,8 @@ def _attn_bwd_dkdv_kernel(
     # ds was formed from unscaled scores' softmax; the chain rule through s = scale * q k^T
     # puts one factor of scale on dk (and on dq).
     dk = dk * scale
-    st_mask = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + n64 * stride_dkt
-             + cols[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=st_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + n64 * stride_dvt
-             + cols[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=st_mask)
+    _store_block(DK, dk, b, hk, start_n, stride_dkb, stride_dkh, stride_dkt, stride_dkd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
+    _store_block(DV, dv, b, hk, start_n, stride_dvb, stride_dvh, stride_dvt, stride_dvd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -369,22 +386,10 @@ def _dq_inner(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        n64 = tl.cast(start_n, tl.int64)
-        n_ok = start_n + offs_n < Tk
-        kT = _load_tile(K_head + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                        d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
-        vT = _load_tile(V_head + n64 * stride_vt + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd,
-                        d_ok, n_ok, BLOCK_D != HEAD_DIM, MASKED)
-        s = _mma(q, kT, None, DOT_F32) * qk_scale
-        if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (start_n + offs_n[None, :] <= offs_m[:, None] + causal_off)
-            s = tl.where(keep, s, float("-inf"))
+        kT = _load_t_block(K_head, start_n, stride_kt, stride_kd, Tk, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
+        vT = _load_t_block(V_head, start_n, stride_vt, stride_vd, Tk, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
+        s = _scores(q, kT, start_n, offs_m, Tk, causal_off, qk_scale, MASKED, CAUSAL, BLOCK_N, DOT_F32)
         p = tl.exp2(s - lse[:, None])
         dp = _mma(do, vT, None, DOT_F32)
         ds = p * (dp - delta[:, None])
@@ -405,17 +410,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    bh = tl.program_id(0)  # batch x heads on axis 0: CUDA caps axes 1 and 2 at 65535
-    start_m = tl.program_id(1) * BLOCK_M
-    b = tl.cast(bh // H, tl.int64)
-    h = tl.cast(bh % H, tl.int64)
-    hk = h // GROUP
-    m64 = tl.cast(start_m, tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = start_m + rows
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Tq
-    d_ok = offs_d < HEAD_DIM
+    bh, b, h, hk, start_m, offs_m, m_ok = _query_block(H, GROUP, Tq, BLOCK_M)
     q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     do = _load_block(DO, b, h, start_m, stride_dob, stride_doh, stride_dot, stride_dod, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
     # Rows past Tq get lse = +inf, hence p = 0: they stay finite and are not stored.
@@ -436,9 +431,7 @@ def _attn_bwd_dq_kernel(
                    offs_m, mid, hi, Tk, causal_off, qk_scale,
                    True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqt
-             + rows[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    _store_block(DQ, dq, b, h, start_m, stride_dqb, stride_dqh, stride_dqt, stride_dqd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------
