@@ -153,7 +153,7 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
     if not all(g.is_contiguous() for g in grads):
         grads = [g.contiguous() for g in grads]  # kept alive here until the kernel is queued
     cols = [params, grads, *cols[2:]]
-    chunk = _chunk_size(backend, device)
+    chunk = launch_table.chunk_size("adamw", backend, device)
     meta, hparams, chunks = _tables(cols, launch.lrs, launch.wds, chunk, device)
     flags = dict(amsgrad=cols[4] is not None, has_master=cols[5] is not None, **launch.opts)
     if backend == "triton":
@@ -170,17 +170,6 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
                                     flags["decoupled"], grad_scale, found_inf)
     for i, p in staged:
         p.copy_(params[i])
-
-
-def _chunk_size(backend: str, device: torch.device) -> int:
-    if backend == "triton":
-        from fastcore.kernels import adamw as kernels
-
-        return kernels.CHUNK
-    from fastcore import extension
-
-    module = extension.load()
-    return module.ADAMW_CHUNK_CPU if device.type == "cpu" else module.ADAMW_CHUNK_CUDA
 
 
 def _tables(cols, lrs, wds, chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 from torch import Tensor
@@ -29,3 +30,12 @@ def chunk_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> Te
     tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     return torch.stack([tensor, torch.arange(len(tensor)) - first], 1).to(device=device, dtype=torch.int32)
+
+
+def chunk_size(op: str, backend: str, device: torch.device) -> int:
+    """Elements per chunk row that ``op``'s kernel for ``backend`` on ``device`` is built for."""
+    if backend == "triton":
+        return importlib.import_module(f"fastcore.kernels.{op}").CHUNK
+    from fastcore import extension
+
+    return getattr(extension.load(), f"{op.upper()}_CHUNK_{'CPU' if device.type == 'cpu' else 'CUDA'}")

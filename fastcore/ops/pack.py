@@ -41,23 +41,19 @@ def pack(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float = 1.0, *, 
         return
     srcs = [s if s.is_contiguous() else s.contiguous() for s in srcs]  # kept alive until the kernel is queued
     numels = [s.numel() for s in srcs]
-    if name == "triton":
-        from fastcore.kernels import pack as kernels
-
-        chunk = kernels.CHUNK
-    else:
-        from fastcore import extension
-
-        module = extension.load()
-        chunk = module.PACK_CHUNK_CPU if device.type == "cpu" else module.PACK_CHUNK_CUDA
+    chunk = launch_table.chunk_size("pack", name, device)
     meta = launch_table.table([launch_table.addresses(srcs, len(srcs)), launch_table.addresses(list(dsts), len(dsts)),
                                numels], device)
     chunks = launch_table.chunk_table(tuple(numels), chunk, device)
     if name == "triton":
+        from fastcore.kernels import pack as kernels
+
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             kernels.pack(meta, chunks, src_dtype, dst_dtype, float(scale))
     else:
-        module.pack(meta, chunks, chunk, src_dtype, dst_dtype, float(scale))
+        from fastcore import extension
+
+        extension.load().pack(meta, chunks, chunk, src_dtype, dst_dtype, float(scale))
 
 
 def _check(srcs, dsts, scale) -> None:
