@@ -12,11 +12,12 @@ class CausalSelfAttention(nn.Module):
 
     One ``qkv`` Linear produces the ``n_heads`` query heads and ``n_kv_heads`` key and value heads
     in a single matmul; ``proj`` maps the heads back to ``d_model``. Input and output are
-    ``(batch, length, d_model)``.
+    ``(batch, length, d_model)``. ``rope_base`` (e.g. 10000) rotates queries and keys by their
+    position (rotary embeddings, the half-split form of GPT-NeoX and Llama); None leaves them as they are.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, *, bias: bool = True,
-                 backend: str = "auto", device=None, dtype=None):
+                 rope_base: float | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
@@ -26,7 +27,12 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         if self.head_dim not in HEAD_DIMS:
             raise ValueError(f"CausalSelfAttention: head dim d_model / n_heads = {self.head_dim} must be one of {HEAD_DIMS}")
-        self.backend = backend
+        if rope_base is not None and not rope_base > 1:
+            raise ValueError(f"CausalSelfAttention: rope_base must be > 1 or None, got {rope_base}")
+        self.backend, self.rope_base = backend, rope_base
+        if rope_base is not None:
+            inv_freq = rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+            self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         factory = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias, **factory)
         self.proj = nn.Linear(d_model, d_model, bias=bias, **factory)
@@ -37,8 +43,21 @@ class CausalSelfAttention(nn.Module):
                                      self.n_kv_heads * self.head_dim], dim=-1)
         # (B, T, H, D) -> (B, H, T, D): strided views, which the kernels take without copying.
         q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        y = attention(q, k, v, causal=True, backend=self.backend)
+        if self.rope_base is not None:
+            q, k = self._rotate(q), self._rotate(k)
+        y = self._attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
+    def _attend(self, q, k, v):
+        return attention(q, k, v, causal=True, backend=self.backend)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        # Angles in fp32 whatever the activations' dtype: positions up to ~1e5 stay exact.
+        angles = torch.outer(torch.arange(x.shape[-2], device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+        rope = "" if self.rope_base is None else f", rope_base={self.rope_base}"
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}{rope}, backend={self.backend!r}"
