@@ -1,0 +1,1 @@
+"""The thin trainer: fastcore train, fastcore data prepare, fastcore sample."""
