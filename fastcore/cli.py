@@ -1,7 +1,8 @@
-"""The ``fastcore`` command line: ``fastcore info``, ``fastcore build`` and ``fastcore bench``."""
+"""The ``fastcore`` command line: ``train``, ``data prepare``, ``sample``, ``info``, ``build`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -61,6 +62,94 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _train_parser(sub) -> None:
+    from fastcore.train.model import PRESETS
+
+    p = sub.add_parser("train", help="train a GPT-style model (default: the tiny preset on the Python stdlib's source)",
+                       description="Train a GPT-style language model on one device, or on several ranks under "
+                       "torchrun (torchrun --nproc-per-node N -m fastcore train ...). Unset values come from the preset.")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help="a prepared directory (fastcore data prepare), or text files/directories/globs/.jsonl to "
+                   "prepare with the byte tokenizer into OUT/data; default: the Python standard library's source")
+    p.add_argument("--out", default="runs/fastcore", help="run directory: checkpoints, metrics.jsonl (default: %(default)s)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch on each rank")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, over all ranks")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (default: %(default)s)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps, then cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: a fifth of the run)")
+    p.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (default: %(default)s)")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default: with each evaluation)")
+    p.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); torchrun picks per rank")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUT/tensorboard")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    for name in ("n-layer", "n-head", "n-embd", "block-size"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--norm", choices=["layer", "rms"])
+    p.add_argument("--pos", choices=["learned", "rope"])
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare a corpus: fastcore data prepare --input PATH... --out DIR")
+    actions = p.add_subparsers(dest="action", required=True)
+    q = actions.add_parser("prepare", help="tokenize text files, directories, globs and .jsonl into train.bin/val.bin")
+    q.add_argument("--input", nargs="+", required=True, metavar="PATH")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    q.add_argument("--vocab", type=int, help="BPE vocabulary size (required with --tokenizer bpe)")
+    q.add_argument("--val-fraction", type=float, default=0.05, help="(default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="document shuffle (default: %(default)s)")
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="continue a prompt with a trained checkpoint")
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint file")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+
+
+def _run_trainer_command(args) -> int:
+    """train / data prepare / sample; a bad input is one line on stderr, not a traceback."""
+    from fastcore.train import checkpoint, data
+    from fastcore.train.loop import TrainConfig, TrainError, train
+    from fastcore.train.sample import sample
+
+    try:
+        if args.command == "data":
+            data.prepare(args.input, args.out, tokenizer=args.tokenizer, vocab=args.vocab,
+                         val_fraction=args.val_fraction, seed=args.seed)
+        elif args.command == "sample":
+            print(sample(args.ckpt, args.prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
+                         seed=args.seed, device=args.device))
+        else:
+            fields = {k: v for k, v in vars(args).items() if k != "command"}
+            result = train(TrainConfig(**fields))
+            if result["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+                print(f"fastcore train: {result['steps']} steps of a {result['params'] / 1e6:.2f}M-parameter model; "
+                      f"final loss {result['loss']:.4f}, val loss {result['val_loss']:.4f}; "
+                      f"{result['tokens_per_s']:,.0f} tokens/s; run in {result['out']}")
+    except (TrainError, data.DataError, checkpoint.CheckpointError) as exc:
+        print(f"fastcore {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
@@ -70,10 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         return cli.main(argv[1:], command_line)
     parser = argparse.ArgumentParser(prog="fastcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _data_parser(sub)
+    _sample_parser(sub)
     sub.add_parser("info", help="print the environment, the extension state and the backends per op")
     sub.add_parser("build", help="compile the C++/CUDA extension now instead of on first use")
     sub.add_parser("bench", help="run benchmarks, compare with a baseline (fastcore bench -h)")
     args = parser.parse_args(argv)
+    if args.command in ("train", "data", "sample"):
+        return _run_trainer_command(args)
     if args.command == "info":
         print(info())
         return 0

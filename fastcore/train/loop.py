@@ -1,0 +1,416 @@
+"""The training loop of ``fastcore train``: one GPU, the CPU, or several ranks under ``torchrun``.
+
+The batch of step ``s`` is a pure function of (seed, s): ``grad_accum`` micro-batches of random
+windows, the same set whatever the world size (rank r takes its share). So ``--resume`` continues
+exactly, and N ranks train as one rank on the same global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastcore.optim import FusedAdamW
+from fastcore.train import checkpoint, data
+from fastcore.train.model import GPT, MODEL_KEYS, PRESETS, GPTConfig
+from fastcore.train.progress import Progress
+
+
+class TrainError(ValueError):
+    """A setting or input the run cannot use; the CLI prints it as one line."""
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: list[str] = field(default_factory=list)   # empty: the embedded default corpus
+    out: str = "runs/fastcore"
+    steps: Optional[int] = None                      # None: the preset's
+    batch_size: Optional[int] = None                 # sequences per micro-batch, per rank
+    grad_accum: Optional[int] = None                 # micro-batches per step, over all ranks
+    lr: Optional[float] = None
+    min_lr_ratio: float = 0.1
+    warmup: Optional[int] = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    resume: bool = False
+    eval_every: Optional[int] = None                 # None: a fifth of the run
+    eval_iters: int = 20
+    ckpt_every: Optional[int] = None                 # None: with every evaluation
+    keep_ckpts: int = 3
+    compile: bool = False
+    precision: Optional[str] = None                  # None: bf16 on GPU, fp32 on CPU
+    device: Optional[str] = None
+    tensorboard: bool = False
+    progress: bool = True
+    # Model overrides (None: the preset's); vocab_size comes from the data.
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None
+    norm: Optional[str] = None
+    pos: Optional[str] = None
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset's values filled in and every setting checked."""
+        if self.preset not in PRESETS:
+            raise TrainError(f"--preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        filled = {k: (PRESETS[self.preset][k] if getattr(self, k) is None else getattr(self, k))
+                  for k in ("steps", "batch_size", "grad_accum", "lr", "warmup")}
+        if self.warmup is None:  # the preset's warmup, shortened to fit a shorter run
+            filled["warmup"] = min(filled["warmup"], filled["steps"] // 10)
+        c = dataclasses.replace(self, **filled)
+        for name in ("steps", "batch_size", "grad_accum", "eval_iters", "keep_ckpts"):
+            if getattr(c, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(c, name)}")
+        for name in ("eval_every", "ckpt_every", "n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(c, name) is not None and getattr(c, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(c, name)}")
+        if not c.lr > 0 or not math.isfinite(c.lr):
+            raise TrainError(f"--lr: must be a finite number > 0, got {c.lr}")
+        if not 0 <= c.warmup <= c.steps:
+            raise TrainError(f"--warmup: must be between 0 and --steps ({c.steps}), got {c.warmup}")
+        if c.precision not in (None, "bf16", "fp32"):
+            raise TrainError(f"--precision: must be bf16 or fp32, got {c.precision!r}")
+        return c
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        shape = {k: getattr(self, k, None) if getattr(self, k, None) is not None else PRESETS[self.preset].get(k)
+                 for k in MODEL_KEYS if k != "vocab_size"}
+        try:
+            return GPTConfig(vocab_size=vocab_size, **{k: v for k, v in shape.items() if v is not None})
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+
+
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    progress = (step - c.warmup) / max(1, c.steps - c.warmup)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# Dense bf16 and TF32 tensor-core peaks (FLOP/s) by device-name fragment, most specific first.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12, 378e12), ("H100 NVL", 835e12, 418e12), ("H100", 989e12, 495e12),
+    ("H200", 989e12, 495e12), ("GH200", 989e12, 495e12), ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12), ("RTX 4090", 165e12, 83e12), ("A10", 125e12, 62.5e12),
+]
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """The device's peak for the precision, or None where unknown (the CPU, an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, bf16, tf32 in PEAK_FLOPS:
+        if fragment in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
+class Batches:
+    """This rank's micro-batches of each step, sampled from a memmap and prefetched by a thread.
+
+    Step ``s`` draws ``grad_accum * batch_size`` window starts from a generator seeded by
+    ``(seed, s)``; rank r takes micro-batches ``[r*K/W, (r+1)*K/W)``. Windows are copied to pinned
+    memory off the main thread and moved with a non-blocking copy, so the device does not wait.
+    """
+
+    def __init__(self, tokens: np.ndarray, c: TrainConfig, block_size: int, rank: int, world: int,
+                 device: torch.device, start_step: int, depth: int = 3):
+        self.tokens, self.c, self.t, self.device = tokens, c, block_size, device
+        self.local = c.grad_accum // world
+        self.first = rank * self.local
+        self.pin = device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(start_step,), daemon=True)
+        self._thread.start()
+
+    def windows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each ``(local micro-batches, batch_size, block_size)`` int64, for ``step``."""
+        g = torch.Generator().manual_seed(self.c.seed * 1_000_003 + step)
+        b = self.c.batch_size
+        starts = torch.randint(len(self.tokens) - self.t, (self.c.grad_accum * b,), generator=g)
+        starts = starts[self.first * b:(self.first + self.local) * b].numpy()
+        rows = np.stack([self.tokens[s:s + self.t + 1] for s in starts]).astype(np.int64)
+        both = torch.from_numpy(rows).view(self.local, b, self.t + 1)
+        x, y = both[..., :-1], both[..., 1:]
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x.contiguous(), y.contiguous())
+
+    def _fill(self, step: int) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self.windows(step)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                step += 1
+        except BaseException as exc:  # surfaces in next(): never a silent hang
+            self._queue.put(exc)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The next step's (x, y) on the device, and the milliseconds spent waiting for them."""
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        wait_ms = (time.perf_counter() - t0) * 1e3
+        if isinstance(item, BaseException):
+            raise item
+        x, y = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), wait_ms
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
+    """A prepared data directory: the default corpus, a prepared directory given by --data, or
+    raw inputs prepared (byte tokenizer) into ``OUT/data``."""
+    if not c.data:
+        return data.default_data_dir()
+    if len(c.data) == 1 and (Path(c.data[0]) / "meta.json").is_file():
+        return Path(c.data[0])
+    target = Path(c.out) / "data"
+    if rank == 0:
+        try:
+            reuse = data.load_meta(target)["sources"] == list(c.data)
+        except data.DataError:
+            reuse = False
+        if not reuse:
+            shutil.rmtree(target, ignore_errors=True)
+            data.prepare(list(c.data), target, progress=c.progress)
+    if world > 1:
+        dist.barrier()
+    return target
+
+
+def _split(data_dir: Path, split: str, block_size: int) -> np.ndarray:
+    tokens = data.open_split(data_dir, split)
+    if len(tokens) < block_size + 1:
+        raise TrainError(f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than block_size + 1 "
+                         f"= {block_size + 1}; use a shorter --block-size or more data")
+    return tokens
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear weights, embeddings) only, not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _Log:
+    """metrics.jsonl (one object per train step and per evaluation) and optional TensorBoard, rank 0 only."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool):
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if start_step and self.path.exists():  # drop the records after the checkpoint we resume from
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _distributed() -> tuple[int, int, Optional[torch.device]]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from fastcore.distributed import init_from_env
+
+    return init_from_env()
+
+
+def train(config: TrainConfig) -> dict:
+    """Train as ``config`` says; returns a summary (final step, losses, tokens/s, output directory)."""
+    c = config.resolved()
+    rank, world, dist_device = _distributed()
+    if c.grad_accum % world:
+        raise TrainError(f"--grad-accum ({c.grad_accum}) must be a multiple of the number of ranks ({world})")
+    device = dist_device or torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = c.precision or ("bf16" if device.type == "cuda" else "fp32")
+    out, main = Path(c.out), rank == 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    data_dir = _resolve_data(c, rank, world)
+    meta = data.load_meta(data_dir)
+    mc = c.model_config(meta["tokenizer"]["vocab_size"])
+    train_tokens = _split(data_dir, "train", mc.block_size)
+    val_tokens = _split(data_dir, "val", mc.block_size)
+
+    torch.manual_seed(c.seed)
+    raw = GPT(mc).to(device)
+    opt = FusedAdamW(_param_groups(raw, c.weight_decay), lr=c.lr, betas=(0.9, 0.95), eps=1e-8)
+    start, ckpt_dir = 0, out / "ckpt"
+    if c.resume and checkpoint.checkpoints(ckpt_dir):
+        start = _restore(checkpoint.resolve(ckpt_dir), raw, opt, mc, c, device)
+    elif main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh run must not resume into an older one's files
+    if main:
+        for name in ("meta.json", "tokenizer.json"):  # `fastcore sample --ckpt OUT` decodes with these
+            if (data_dir / name).exists() and data_dir.resolve() != out.resolve():
+                shutil.copyfile(data_dir / name, out / name)
+
+    model = torch.compile(raw) if c.compile else raw
+    if world > 1:
+        from fastcore.distributed import DataParallel
+
+        model = DataParallel(model)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    eval_every = c.eval_every or max(1, c.steps // 5)
+    ckpt_every = c.ckpt_every or eval_every
+    tokens_per_step = c.grad_accum * c.batch_size * mc.block_size
+    flops_per_token, peak = raw.flops_per_token(), peak_flops(device, precision)
+
+    def evaluate() -> float:
+        raw.eval()
+        g = torch.Generator().manual_seed(c.seed + 7_777_777)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for i in range(c.eval_iters):
+                starts = torch.randint(len(val_tokens) - mc.block_size, (c.batch_size,), generator=g).numpy()
+                if i % world != rank:
+                    continue
+                rows = torch.from_numpy(np.stack([val_tokens[s:s + mc.block_size + 1] for s in starts]).astype(np.int64))
+                with autocast:
+                    total += raw(rows[:, :-1].to(device), rows[:, 1:].to(device))[1].double()
+        if world > 1:
+            dist.all_reduce(total)
+        raw.train()
+        return total.item() / c.eval_iters
+
+    log = _Log(out, start, c.tensorboard) if main else None
+    batches = Batches(train_tokens, c, mc.block_size, rank, world, device, start)
+    bar = Progress(c.steps, "train", "step", enabled=main and c.progress)
+    bar.update(start)
+    loss_value, val_loss, rate = math.nan, None, 0.0
+    try:
+        for step in range(start, c.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, c)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y, wait_ms = batches.next()
+            loss_sum = torch.zeros((), device=device)
+            for m in range(batches.local):
+                sync = world == 1 or m == batches.local - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x[m], y[m])
+                (loss / batches.local).backward()
+                loss_sum += loss.detach()
+            if c.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), c.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=world == 1)  # zeroing in place keeps DataParallel's bucket views
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / c.grad_accum   # also the step's synchronisation point
+            if not math.isfinite(loss_value):
+                raise TrainError(f"the loss became {loss_value} at step {step + 1}; lower --lr or check the data")
+            dt = time.perf_counter() - t0
+            rate = tokens_per_step / dt
+            mfu = flops_per_token * rate / peak if peak else None
+            done = step + 1
+            if main:
+                log.write({"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": rate, "mfu": mfu,
+                           "data_wait_ms": wait_ms})
+                bar.update(1, loss=loss_value, tok_s=rate, **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
+            if done % eval_every == 0 or done == c.steps:
+                val_loss = evaluate()
+                if main:
+                    log.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+                    bar.set_postfix(val_loss=val_loss)
+            if main and (done % ckpt_every == 0 or done == c.steps):
+                checkpoint.save(ckpt_dir, done, {
+                    "step": done, "model": raw.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": {"lr": c.lr, "min_lr_ratio": c.min_lr_ratio, "warmup": c.warmup, "steps": c.steps},
+                    "rng": _rng_state(device), "data": {"next_step": done, "seed": c.seed, "world_size": world},
+                    "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(c)},
+                }, c.keep_ckpts)
+    finally:
+        batches.close()
+        bar.close()
+        if log is not None:
+            log.close()
+    return {"steps": c.steps, "start_step": start, "loss": loss_value, "val_loss": val_loss,
+            "tokens_per_s": rate, "out": str(out), "params": raw.num_params(), "world_size": world}
+
+
+def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfig, device: torch.device) -> int:
+    state = checkpoint.load(path)
+    try:
+        saved = state["config"]["model"]
+        if saved != dataclasses.asdict(mc):
+            diff = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+                             for k, v in dataclasses.asdict(mc).items() if saved.get(k) != v)
+            raise checkpoint.CheckpointError(f"checkpoint {path} was written for another model ({diff})")
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], device)
+        step = int(state["step"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, checkpoint.CheckpointError):
+            raise
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
+                                         f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    if step >= c.steps:
+        raise TrainError(f"--resume: checkpoint {path} is at step {step}, already at --steps ({c.steps}); raise --steps")
+    if state["data"]["seed"] != c.seed:
+        print(f"fastcore train: note: resuming with --seed {c.seed} (the checkpoint's run used "
+              f"{state['data']['seed']}); the batches differ from an uninterrupted run", file=sys.stderr)
+    return step
