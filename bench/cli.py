@@ -61,7 +61,7 @@ def run_main(argv: list[str], command_line: bool) -> int:
     p.add_argument("--markdown", action="store_true", help="print Markdown tables at the end")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per op here")
     p.add_argument("--repeats", type=int, default=25, help=f"CPU timing samples per case (>= {harness.MIN_REPEATS})")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--no-compile", action="store_true", help="skip the providers that compile (torch.compile, fastcore-compile)")
     args = p.parse_args(argv)
     try:
         harness.check_args(args.ops, args.device, args.repeats)

@@ -28,7 +28,7 @@ MIN_REPEATS = 15
 CPU_PASSES = 5
 # Each module registers its benchmarks on import; later ops append theirs here.
 BENCH_MODULES = ("fastcore.bench.bench_norm", "fastcore.bench.bench_attention", "fastcore.bench.bench_adamw",
-                 "fastcore.bench.bench_data_parallel")
+                 "fastcore.bench.bench_data_parallel", "fastcore.bench.bench_train")
 EAGER = "torch"  # the provider fastcore speedups are measured against, unless a benchmark names another
 RESULTS_FORMAT = 1  # bump when the results file changes shape
 
@@ -316,7 +316,7 @@ def _runnable(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dict
     """The providers that can run; the others are recorded as skipped, with their reason."""
     fns = {}
     for name, fn in bench.providers(device).items():
-        if no_compile and name == "torch.compile":
+        if no_compile and "compile" in name:
             fn = "skipped by --no-compile"
         if isinstance(fn, str):
             _skip(run, bench.op, name, fn)

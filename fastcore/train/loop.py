@@ -214,7 +214,7 @@ def _split(data_dir: Path, split: str, block_size: int) -> np.ndarray:
     return tokens
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (linear weights, embeddings) only, not on norms or biases."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -284,6 +284,8 @@ def train(config: TrainConfig) -> dict:
     device = dist_device or torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = c.precision or ("bf16" if device.type == "cuda" else "fp32")
     out, main = Path(c.out), rank == 0
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out: {out} is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
     data_dir = _resolve_data(c, rank, world)
@@ -294,7 +296,7 @@ def train(config: TrainConfig) -> dict:
 
     torch.manual_seed(c.seed)
     raw = GPT(mc).to(device)
-    opt = FusedAdamW(_param_groups(raw, c.weight_decay), lr=c.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = FusedAdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(0.9, 0.95), eps=1e-8)
     start, ckpt_dir = 0, out / "ckpt"
     if c.resume and checkpoint.checkpoints(ckpt_dir):
         start = _restore(checkpoint.resolve(ckpt_dir), raw, opt, mc, c, device)
@@ -336,8 +338,7 @@ def train(config: TrainConfig) -> dict:
 
     log = _Log(out, start, c.tensorboard) if main else None
     batches = Batches(train_tokens, c, mc.block_size, rank, world, device, start)
-    bar = Progress(c.steps, "train", "step", enabled=main and c.progress)
-    bar.update(start)
+    bar = Progress(c.steps, "train", "step", enabled=main and c.progress, initial=start)
     loss_value, val_loss, rate = math.nan, None, 0.0
     try:
         for step in range(start, c.steps):
@@ -369,12 +370,12 @@ def train(config: TrainConfig) -> dict:
             if main:
                 log.write({"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": rate, "mfu": mfu,
                            "data_wait_ms": wait_ms})
-                bar.update(1, loss=loss_value, tok_s=rate, **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
+                bar.update(1, loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             if done % eval_every == 0 or done == c.steps:
                 val_loss = evaluate()
                 if main:
                     log.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
-                    bar.set_postfix(val_loss=val_loss)
+                    bar.set_postfix(val_loss=f"{val_loss:.4f}")
             if main and (done % ckpt_every == 0 or done == c.steps):
                 checkpoint.save(ckpt_dir, done, {
                     "step": done, "model": raw.state_dict(), "optimizer": opt.state_dict(),

@@ -51,8 +51,8 @@ class GPTConfig:
 PRESETS: dict[str, dict] = {
     # ~0.45M parameters with the byte tokenizer: learns visibly in a couple of minutes on 2 CPU cores.
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=128,
-                 batch_size=16, grad_accum=1, lr=3e-3, warmup=30, steps=600),
-    # ~10.7M parameters (nanoGPT's character-level Shakespeare size).
+                 batch_size=16, grad_accum=1, lr=3e-3, warmup=50, steps=1500),
+    # ~10.9M parameters with the byte tokenizer (nanoGPT's character-level Shakespeare size).
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
                   batch_size=32, grad_accum=1, lr=1e-3, warmup=100, steps=5000),
     # GPT-2 small (124M parameters with a 50257-token BPE vocabulary); 0.5M tokens per step.

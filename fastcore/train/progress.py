@@ -30,10 +30,11 @@ class Progress:
     On a tty the line is redrawn with ``\\r`` at most every ``interval`` seconds (default 0.1); on
     anything else (a log file, a pipe) a full line is written at most every ``interval`` (default 10).
     ``close()`` always writes the final line. A stream that fails (closed, broken pipe) silences it.
+    ``initial`` starts the count part way (a resumed run) without counting it in the rate.
     """
 
     def __init__(self, total: int | None, desc: str, unit: str = "", stream=None,
-                 enabled: bool = True, interval: float | None = None):
+                 enabled: bool = True, interval: float | None = None, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.enabled, self.closed = enabled, False
@@ -42,7 +43,7 @@ class Progress:
         except (AttributeError, ValueError, OSError):
             self.tty = False
         self.interval = interval if interval is not None else (0.1 if self.tty else 10.0)
-        self.n, self.postfix = 0, {}
+        self.n, self.initial, self.postfix = initial, initial, {}
         self.start = self.last = time.monotonic()
         self.width = 0  # of the last tty line, so a shorter redraw can blank its tail
 
@@ -67,7 +68,7 @@ class Progress:
             parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {done:4.0%} {self.n}/{self.total}{unit}")
         else:
             parts.append(f"{self.n}{unit}")
-        rate = self.n / elapsed
+        rate = (self.n - self.initial) / elapsed
         parts.append(_rate(rate, self.unit or "it"))
         if self.total and 0 < rate and self.n < self.total:
             parts.append(f"eta {_clock((self.total - self.n) / rate)}")

@@ -1,0 +1,394 @@
+"""The trainer: the model against its PyTorch twin, learning, exact resume, torchrun parity,
+checkpoints, sampling, metrics and the one-line errors of the CLI."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close
+from fastcore import cli
+from fastcore.train import checkpoint, data, loop
+from fastcore.train.loop import Batches, TrainConfig, TrainError, lr_at, peak_flops, train
+from fastcore.train.model import GPT, PRESETS, GPTConfig
+from fastcore.train.sample import sample
+
+SMALL = dict(preset="tiny", n_layer=1, n_embd=64, n_head=2, block_size=32, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~150 KB of the stdlib's source (argparse, random, textwrap), prepared with the byte tokenizer."""
+    import argparse, inspect, random, textwrap  # noqa: E401 (sources to train on)
+
+    src = tmp_path_factory.mktemp("src")
+    for m in (argparse, random, textwrap):
+        (src / f"{m.__name__}.py").write_text(inspect.getsource(m))
+    out = tmp_path_factory.mktemp("data")
+    data.prepare([str(src)], out, val_fraction=0.1, progress=False)
+    return out
+
+
+def records(run: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,pos", [("layer", "learned"), ("rms", "learned"), ("layer", "rope"), ("rms", "rope")])
+def test_model_matches_its_pytorch_twin(norm, pos):
+    """fastcore's norms and attention against nn.LayerNorm/nn.RMSNorm and SDPA: loss and every gradient."""
+    c = GPTConfig(vocab_size=100, block_size=24, n_layer=2, n_head=2, n_embd=64, norm=norm, pos=pos)
+    torch.manual_seed(0)
+    ours, twin = GPT(c), GPT(c, kernels="torch")
+    twin.load_state_dict(ours.state_dict())
+    x = torch.randint(0, 100, (3, 24), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 100, (3, 24), generator=torch.Generator().manual_seed(2))
+    la, lb = ours(x, y)[1], twin(x, y)[1]
+    la.backward()
+    lb.backward()
+    assert_close(la, lb, torch.float32, "loss")
+    for (name, p), q in zip(ours.named_parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
+
+
+def test_model_loss_is_cross_entropy_and_vocab_is_padded():
+    c = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(c)
+    assert model.wte.weight.shape == (320, 32)                  # padded to a multiple of 64
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    x, y = torch.randint(0, 257, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 16, 320)
+    ref = torch.nn.functional.cross_entropy(logits.double().reshape(-1, 320), y.reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-5
+    # Freshly initialised, the model is near-uniform: loss ~ ln(padded vocab).
+    assert abs(loss.item() - math.log(320)) < 0.1
+
+
+def test_flops_per_token_counts_6n_plus_6lct():
+    c = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    model = GPT(c)
+    n = model.num_params(embedding=False)
+    assert n == model.num_params() - 1024 * 768
+    assert 123e6 < model.num_params() < 125e6                    # GPT-2 small: 124M (tied head)
+    assert model.flops_per_token() == 6 * n + 6 * 12 * 768 * 1024
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    from fastcore.nn import CausalSelfAttention
+
+    m = CausalSelfAttention(32, 1, rope_base=10000.0)
+    q = torch.randn(1, 1, 1, 32).expand(1, 1, 12, 32)          # the same vector at every position
+    k = torch.randn(1, 1, 1, 32).expand(1, 1, 12, 32)
+    rq, rk = m._rotate(q), m._rotate(k)
+    assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-5)   # a rotation
+    s = rq[0, 0] @ rk[0, 0].T
+    for off in range(-3, 4):
+        diag = torch.diagonal(s, off)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-4)
+    with pytest.raises(ValueError, match="rope_base"):
+        CausalSelfAttention(32, 1, rope_base=0.5)
+
+
+def test_generate_crops_to_block_size_and_greedy_is_argmax():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 50, (1, 5))
+    out = model.generate(idx, 6, temperature=0)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], idx)
+    with torch.no_grad():
+        expect = model(out[:, -9:-1][:, -8:])[0][0, -1, :50].argmax()
+    assert out[0, -1] == expect
+    sampled = model.generate(idx, 20, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert int(sampled.max()) < 50                                # never a padding id
+
+
+@pytest.mark.parametrize("bad", [dict(vocab_size=0), dict(n_embd=30, n_head=4), dict(norm="batch"), dict(pos="alibi"),
+                                 dict(n_layer=True)])
+def test_model_config_errors(bad):
+    with pytest.raises(ValueError, match="GPTConfig: " + next(iter(bad))[:5]):
+        GPTConfig(**bad)
+
+
+# ---- schedule, MFU table and the loader -----------------------------------------------------------
+
+def test_lr_warmup_then_cosine_to_min():
+    c = TrainConfig(steps=110, warmup=10, lr=1.0, min_lr_ratio=0.1).resolved()
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(4, c) == pytest.approx(0.5)
+    assert lr_at(9, c) == pytest.approx(1.0) and lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.55)                    # half way: (1 + 0.1) / 2
+    assert lr_at(110, c) == pytest.approx(0.1) and lr_at(500, c) == pytest.approx(0.1)
+    lrs = [lr_at(s, c) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_peak_flops_table(monkeypatch):
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+    for name, bf16 in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert peak_flops(torch.device("cuda", 0), "bf16") == bf16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0), "fp32") == 495e12   # TF32
+
+
+def test_batches_are_a_function_of_the_step_split_over_ranks():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    c = TrainConfig(batch_size=3, grad_accum=4, seed=5).resolved()
+    one = Batches(tokens, c, 16, 0, 1, torch.device("cpu"), start_step=7)
+    x1, y1, wait = one.next()
+    one.close()
+    assert x1.shape == (4, 3, 16) and x1.dtype == torch.int64 and wait >= 0
+    assert torch.equal(y1, x1 + 1)                                # targets are the next tokens
+    assert torch.equal(x1, one.windows(7)[0]) and not torch.equal(x1, one.windows(8)[0])
+    halves = []
+    for rank in range(2):
+        b = Batches(tokens, c, 16, rank, 2, torch.device("cpu"), start_step=7)
+        halves.append(b.next()[0])
+        b.close()
+    assert torch.equal(torch.cat(halves), x1)
+
+
+# ---- training end to end --------------------------------------------------------------------------
+
+def unigram_entropy(data_dir) -> float:
+    """The best loss a model without context can reach on the train split, in nats."""
+    p = np.bincount(np.asarray(data.open_split(data_dir, "train"))).astype(float)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_tiny_preset_learns_beyond_unigram_statistics(tmp_path):
+    stdlib = tmp_path / "stdlib"
+    data.prepare([str(p) for p in data.default_corpus()], stdlib, progress=False)
+    result = train(TrainConfig(data=[str(stdlib)], out=str(tmp_path / "run"), preset="tiny", steps=60,
+                               eval_every=60, progress=False))
+    steps, evals = records(tmp_path / "run")
+    unigram = unigram_entropy(stdlib)
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    assert abs(steps[0]["loss"] - math.log(320)) < 0.3           # starts uniform over the padded vocab
+    assert result["val_loss"] == evals[-1]["val_loss"] < unigram - 0.2, (evals, unigram)
+    assert np.mean([r["loss"] for r in steps[-5:]]) < unigram
+
+
+def test_metrics_records(corpus, tmp_path):
+    train(TrainConfig(data=[str(corpus)], out=str(tmp_path), steps=6, eval_every=3, **SMALL))
+    steps, evals = records(tmp_path)
+    c = TrainConfig(steps=6, **SMALL).resolved()
+    for r in steps:
+        assert set(r) == {"step", "loss", "lr", "tokens_per_s", "mfu", "data_wait_ms"}
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, c)) and r["tokens_per_s"] > 0
+        assert r["mfu"] is None and r["data_wait_ms"] >= 0        # no known peak on a CPU
+    assert [e["step"] for e in evals] == [3, 6]
+    for e in evals:
+        assert set(e) == {"step", "val_loss", "val_ppl"} and e["val_ppl"] == pytest.approx(math.exp(e["val_loss"]))
+    assert (tmp_path / "meta.json").is_file()                   # for `fastcore sample`
+
+
+def _interrupt_after(step, monkeypatch):
+    save = checkpoint.save
+
+    def save_then_die(directory, s, state, keep):
+        path = save(directory, s, state, keep)
+        if s == step:
+            raise KeyboardInterrupt
+        return path
+    monkeypatch.setattr(loop.checkpoint, "save", save_then_die)
+
+
+def test_resume_continues_exactly(corpus, tmp_path, monkeypatch):
+    cfg = dict(data=[str(corpus)], steps=12, ckpt_every=3, eval_every=6, **SMALL)
+    whole = train(TrainConfig(out=str(tmp_path / "a"), **cfg))
+    with monkeypatch.context() as m:
+        _interrupt_after(6, m)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(out=str(tmp_path / "b"), **cfg))
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **cfg))
+    assert resumed["start_step"] == 6
+    assert resumed["loss"] == whole["loss"] and resumed["val_loss"] == whole["val_loss"]
+    (sa, ea), (sb, eb) = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [(r["step"], r["loss"], r["lr"]) for r in sa] == [(r["step"], r["loss"], r["lr"]) for r in sb]
+    assert ea == eb
+    a, b = (checkpoint.load(checkpoint.resolve(tmp_path / d)) for d in "ab")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert len(checkpoint.checkpoints(tmp_path / "b" / "ckpt")) == 3   # keep the last 3
+
+
+def test_default_corpus_is_the_stdlib(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path / "cache"))
+    result = train(TrainConfig(out=str(tmp_path / "run"), steps=2, **SMALL))
+    meta = data.load_meta(data.default_data_dir())
+    assert meta["tokenizer"]["kind"] == "byte" and meta["train_tokens"] > 5_000_000
+    assert result["steps"] == 2 and math.isfinite(result["loss"])
+
+
+def test_raw_inputs_are_prepared_into_the_run(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    train(TrainConfig(data=[str(text)], out=str(tmp_path / "run"), steps=2, **SMALL))
+    meta = data.load_meta(tmp_path / "run" / "data")
+    assert meta["sources"] == [str(text)] and meta["train_tokens"] + meta["val_tokens"] == 9001
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_gloo_ranks_match_one_rank(corpus, tmp_path):
+    args = ["train", "--data", str(corpus), "--steps", "5", "--grad-accum", "2", "--batch-size", "4",
+            "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--block-size", "32", "--eval-every", "5",
+            "--no-progress"]
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "fastcore", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (s1, e1), (s2, e2) = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(s2) == 5 and len(e2) == 1                          # rank 0 alone logs
+    for a, b in zip(s1, s2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert e2[0]["val_loss"] == pytest.approx(e1[0]["val_loss"], rel=1e-5)
+    p1, p2 = (checkpoint.load(checkpoint.resolve(tmp_path / d))["model"] for d in ("one", "two"))
+    for k in p1:
+        assert_close(p2[k], p1[k], torch.float32, k)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    first = checkpoint.save(tmp_path, 1, {"x": torch.ones(3)}, keep=3)
+
+    def torn(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(tmp_path, 2, {"x": torch.zeros(3)}, keep=3)
+    assert checkpoint.resolve(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]    # no temporary file left behind
+    assert torch.equal(checkpoint.load(first)["x"], torch.ones(3))
+
+
+def test_keep_last_k_checkpoints(tmp_path):
+    for s in (5, 10, 15, 20):
+        checkpoint.save(tmp_path, s, {"s": s}, keep=2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_00000015.pt", "step_00000020.pt"]
+
+
+def test_corrupt_and_incompatible_checkpoints_name_the_file(corpus, tmp_path, capsys):
+    cfg = dict(data=[str(corpus)], out=str(tmp_path), steps=4, ckpt_every=2, **SMALL)
+    train(TrainConfig(**cfg))
+    latest = checkpoint.resolve(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*n_embd: 64 in the checkpoint, 128 now"):
+        train(TrainConfig(**{**cfg, "n_embd": 128, "steps": 6, "resume": True}))
+    with pytest.raises(TrainError, match="raise --steps"):
+        train(TrainConfig(**{**cfg, "resume": True}))
+    latest.write_bytes(latest.read_bytes()[:100])                 # truncated
+    with pytest.raises(checkpoint.CheckpointError, match=str(latest)):
+        train(TrainConfig(**{**cfg, "steps": 6, "resume": True}))
+    torch.save({"format": 1, "step": 2}, latest)                   # readable, but incomplete
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this run"):
+        train(TrainConfig(**{**cfg, "steps": 6, "resume": True}))
+
+
+def test_checkpoint_is_loaded_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"format": 1, "payload": Evil()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load(path)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+def test_sample_continues_the_prompt(corpus, tmp_path, capsys):
+    train(TrainConfig(data=[str(corpus)], out=str(tmp_path), steps=3, **SMALL))
+    text = sample(tmp_path, "def ", 20, temperature=0.8, seed=1)
+    assert text.startswith("def ") and text == sample(tmp_path, "def ", 20, temperature=0.8, seed=1)
+    model = checkpoint.load(checkpoint.resolve(tmp_path))
+    assert model["config"]["model"]["vocab_size"] == 257
+    greedy = sample(tmp_path, "import ", 10, temperature=0)
+    from fastcore.train.sample import load_model
+    gpt, _ = load_model(tmp_path)
+    ids = gpt.generate(torch.tensor([list(b"import ")]), 10, temperature=0)[0, 7:].tolist()
+    assert greedy == "import " + data.load_tokenizer(tmp_path).decode(ids)
+    assert cli.main(["sample", "--ckpt", str(tmp_path), "--prompt", "x = ", "--tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("x = ")
+
+
+# ---- bad input: one line, no traceback ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data", "/no/such/path"], "/no/such/path"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum: must be >= 1"),
+    (["--steps", "5", "--warmup", "9"], "--warmup: must be between 0 and --steps"),
+    (["--block-size", "100000"], "fewer than block_size + 1"),
+    (["--lr", "-1"], "--lr: must be a finite number > 0"),
+    (["--n-embd", "66"], "n_embd (66) must be a multiple of n_head"),
+    (["--preset", "tiny", "--out", "/dev/null"], "--out: /dev/null is not a directory"),
+])
+def test_bad_train_input_is_one_line(corpus, tmp_path, capsys, extra, message):
+    args = ["train", "--out", str(tmp_path / "run"), "--no-progress", "--data", str(corpus), *extra]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("fastcore train: ")
+
+
+def test_empty_corpus_and_missing_checkpoint_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert cli.main(["train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "fastcore", "train", "--data", str(tmp_path / "missing"),
+                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "missing" in run.stderr
+
+
+def test_presets_match_the_issue():
+    assert {k: PRESETS["gpt2-124m"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == \
+        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    tiny = GPT(GPTConfig(vocab_size=257, **{k: PRESETS["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")}))
+    assert 1e5 < tiny.num_params() < 1e6                          # "a few hundred thousand parameters"
+
+
+def test_compile_trains_like_eager(corpus, tmp_path):
+    cfg = dict(data=[str(corpus)], steps=3, **SMALL)
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), **cfg))
+    compiled = train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **cfg))
+    for a, b in zip(records(tmp_path / "eager")[0], records(tmp_path / "compiled")[0]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_run_learns_and_reports_mfu(tmp_path):
+    stdlib = tmp_path / "stdlib"
+    data.prepare([str(p) for p in data.default_corpus()], stdlib, progress=False)
+    result = train(TrainConfig(data=[str(stdlib)], out=str(tmp_path / "run"), preset="small", steps=100,
+                               batch_size=16, eval_every=100, device="cuda", progress=False))
+    steps, evals = records(tmp_path / "run")
+    assert steps[0]["loss"] > 5 and result["val_loss"] < unigram_entropy(stdlib) - 0.5, (steps[0], evals)
+    known = loop.peak_flops(torch.device("cuda"), "bf16") is not None
+    assert all((r["mfu"] is not None) == known for r in steps)
+    if known:
+        print(f"MFU at step 100: {steps[-1]['mfu']:.1%}, {steps[-1]['tokens_per_s']:,.0f} tokens/s")
