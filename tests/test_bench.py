@@ -157,6 +157,29 @@ def test_adamw_bytes_and_lists_by_hand():
     assert bench_adamw.work(case) == ("bytes", 28 * 11_836_928)  # read p, g, m, v; write p, m, v in fp32
 
 
+def test_train_flops_by_hand_and_a_step_of_each_model():
+    from fastcore.bench import bench_train
+
+    gpt2 = harness.Case((16, 1024), torch.bfloat16, "step", 16384, tag="gpt2-124m")
+    # 6N + 6LCT per token; N = 123,689,472 without the position table (vocabulary padded to 50304).
+    assert bench_train.work(gpt2) == ("flops", (6 * 123_689_472 + 6 * 12 * 768 * 1024) * 16 * 1024)
+    assert [c.label for c in bench_train.cases("cpu", quick=False)] == ["8x256 float32 small step"]
+    assert bench_train.cases("cpu", quick=True) == []
+    tiny = harness.Case((2, 32), torch.float32, "step", 64, tag="tiny")
+    makes = bench_train.providers("cpu")
+    if isinstance(makes["fastcore-eager"], str):
+        pytest.skip(makes["fastcore-eager"])
+    losses = {}
+    for name in ("fastcore-eager", "torch"):
+        step = makes[name](tiny, "cpu")
+        losses[name] = [step().item() for _ in range(3)]
+        extras = step.extras()
+        assert extras["tokens_per_step"] == 64 and extras["tokens_per_s"] > 0 and extras["mfu"] is None
+    # The same model, seed and tokens: the two steps train alike.
+    assert losses["fastcore-eager"] == pytest.approx(losses["torch"], rel=1e-4)
+    assert losses["torch"][2] < losses["torch"][0]
+
+
 def test_copy_bandwidth_is_plausible():
     assert 0.5 < harness.copy_bandwidth("cpu") < 2000  # GB/s: any CPU from a laptop to a large server
 
