@@ -425,6 +425,10 @@ def _rows(bench: Benchmark, case: Case, timings: dict, peaks: dict, result: Run,
             row["speedup"] = eager[0] / median
             row["speedup_over"] = bench.baseline
         row.update(extras.get(name, {}))
+        if "tokens_per_step" in row:  # training: throughput and MFU from the same median as the speedup
+            row["tokens_per_s"] = row["tokens_per_step"] / (median * 1e-3)
+            peak = row.get("peak_flops")
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak if peak else None
         rows.append(row)
     result.rows += rows
     return rows

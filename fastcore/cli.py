@@ -90,7 +90,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); torchrun picks per rank")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUT/tensorboard")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="TensorBoard logs in OUT/tensorboard (default: when the tensorboard package is installed)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     for name in ("n-layer", "n-head", "n-embd", "block-size"):
         p.add_argument(f"--{name}", type=int)

@@ -174,7 +174,14 @@ def test_train_flops_by_hand_and_a_step_of_each_model():
         step = makes[name](tiny, "cpu")
         losses[name] = [step().item() for _ in range(3)]
         extras = step.extras()
-        assert extras["tokens_per_step"] == 64 and extras["tokens_per_s"] > 0 and extras["mfu"] is None
+        assert extras["tokens_per_step"] == 64 and extras["first_step_s"] > 0 and extras["peak_flops"] is None
+        # The harness turns them into throughput and MFU from the row's median.
+        bench = harness.Benchmark(op="train", providers=None, cases=None, setup=None, work=bench_train.work,
+                                  baseline="torch")
+        run = harness.Run("cpu", {"matmul_tflops": 1.0})
+        row, = harness._rows(bench, tiny, {name: (20.0, 1.0, 5)}, {}, run, {name: {**extras, "peak_flops": 1e12}})
+        assert row["tokens_per_s"] == pytest.approx(64 / 0.020)
+        assert row["mfu"] == pytest.approx(64 / 0.020 * extras["flops_per_token"] / 1e12)
     # The same model, seed and tokens: the two steps train alike.
     assert losses["fastcore-eager"] == pytest.approx(losses["torch"], rel=1e-4)
     assert losses["torch"][2] < losses["torch"][0]

@@ -27,6 +27,9 @@ def save(directory: str | os.PathLike, step: int, state: dict, keep: int) -> Pat
     renamed, so an interrupted write leaves the previous checkpoints as they were. Keeps the last ``keep``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".step_*.pt.tmp-*"):  # left by a process killed mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     path = d / f"step_{step:08d}.pt"
     tmp = d / f".{path.name}.tmp-{os.getpid()}"
     try:
@@ -35,6 +38,11 @@ def save(directory: str | os.PathLike, step: int, state: dict, keep: int) -> Pat
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(d, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         tmp.unlink(missing_ok=True)
     for old in checkpoints(d)[:-keep]:

@@ -57,7 +57,7 @@ class TrainConfig:
     compile: bool = False
     precision: Optional[str] = None                  # None: bf16 on GPU, fp32 on CPU
     device: Optional[str] = None
-    tensorboard: bool = False
+    tensorboard: Optional[bool] = None               # None: when the tensorboard package is installed
     progress: bool = True
     # Model overrides (None: the preset's); vocab_size comes from the data.
     n_layer: Optional[int] = None
@@ -67,12 +67,15 @@ class TrainConfig:
     norm: Optional[str] = None
     pos: Optional[str] = None
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with the preset's values filled in and every setting checked."""
+    def resolved(self, world: int = 1) -> "TrainConfig":
+        """A copy with the preset's values filled in and every setting checked; the preset's
+        ``grad_accum`` is rounded up to a multiple of the ``world`` ranks."""
         if self.preset not in PRESETS:
             raise TrainError(f"--preset: unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         filled = {k: (PRESETS[self.preset][k] if getattr(self, k) is None else getattr(self, k))
                   for k in ("steps", "batch_size", "grad_accum", "lr", "warmup")}
+        if self.grad_accum is None:
+            filled["grad_accum"] = -(-filled["grad_accum"] // world) * world
         if self.warmup is None:  # the preset's warmup, shortened to fit a shorter run
             filled["warmup"] = min(filled["warmup"], filled["steps"] // 10)
         c = dataclasses.replace(self, **filled)
@@ -84,6 +87,13 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(c, name)}")
         if not c.lr > 0 or not math.isfinite(c.lr):
             raise TrainError(f"--lr: must be a finite number > 0, got {c.lr}")
+        if not 0 <= c.min_lr_ratio <= 1:
+            raise TrainError(f"--min-lr-ratio: must be between 0 and 1, got {c.min_lr_ratio}")
+        for name in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(c, name) < math.inf:
+                raise TrainError(f"--{name.replace('_', '-')}: must be a finite number >= 0, got {getattr(c, name)}")
+        if c.grad_accum % world:
+            raise TrainError(f"--grad-accum ({c.grad_accum}) must be a multiple of the number of ranks ({world})")
         if not 0 <= c.warmup <= c.steps:
             raise TrainError(f"--warmup: must be between 0 and --steps ({c.steps}), got {c.warmup}")
         if c.precision not in (None, "bf16", "fp32"):
@@ -110,13 +120,14 @@ def lr_at(step: int, c: TrainConfig) -> float:
 # Dense bf16 and TF32 tensor-core peaks (FLOP/s) by device-name fragment, most specific first.
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12, 378e12), ("H100 NVL", 835e12, 418e12), ("H100", 989e12, 495e12),
-    ("H200", 989e12, 495e12), ("GH200", 989e12, 495e12), ("A100", 312e12, 156e12),
-    ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12), ("RTX 4090", 165e12, 83e12), ("A10", 125e12, 62.5e12),
+    ("H200", 989e12, 495e12), ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12), ("L40", 181e12, 90.5e12), ("L4", 121e12, 60e12), ("RTX 4090", 165e12, 83e12),
 ]
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """The device's peak for the precision, or None where unknown (the CPU, an unlisted GPU)."""
+    """The device's peak for the precision (fp32 runs use TF32 tensor cores), or None where unknown
+    (the CPU, an unlisted GPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -153,8 +164,9 @@ class Batches:
         starts = starts[self.first * b:(self.first + self.local) * b].numpy()
         rows = np.stack([self.tokens[s:s + self.t + 1] for s in starts]).astype(np.int64)
         both = torch.from_numpy(rows).view(self.local, b, self.t + 1)
-        x, y = both[..., :-1], both[..., 1:]
-        return (x.pin_memory(), y.pin_memory()) if self.pin else (x.contiguous(), y.contiguous())
+        x, y = both[..., :-1].contiguous(), both[..., 1:].contiguous()
+        # Pinned (page-locked) and contiguous, so the copy to the GPU is a true asynchronous DMA.
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
 
     def _fill(self, step: int) -> None:
         try:
@@ -187,23 +199,32 @@ class Batches:
 
 def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
     """A prepared data directory: the default corpus, a prepared directory given by --data, or
-    raw inputs prepared (byte tokenizer) into ``OUT/data``."""
-    if not c.data:
-        return data.default_data_dir()
+    raw inputs prepared (byte tokenizer) into ``OUT/data`` and reused while they are unchanged.
+    Rank 0 prepares; the others wait for it."""
     if len(c.data) == 1 and (Path(c.data[0]) / "meta.json").is_file():
         return Path(c.data[0])
     target = Path(c.out) / "data"
     if rank == 0:
-        try:
-            reuse = data.load_meta(target)["sources"] == list(c.data)
-        except data.DataError:
-            reuse = False
-        if not reuse:
-            shutil.rmtree(target, ignore_errors=True)
-            data.prepare(list(c.data), target, progress=c.progress)
+        if not c.data:
+            target = data.default_data_dir()
+        else:
+            _prepare_inputs(c, target)
     if world > 1:
         dist.barrier()
-    return target
+    return data.default_data_dir() if not c.data else target
+
+
+def _prepare_inputs(c: TrainConfig, target: Path) -> None:
+    sources = [os.path.abspath(p) for p in c.data]
+    files = data.resolve_inputs(sources)
+    fingerprint = {"sources": sources, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    stamp = target / "inputs.json"
+    if (target / "meta.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        return
+    if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
+        raise TrainError(f"{target} exists and is not a prepared data directory; move it or choose another --out")
+    data.prepare(sources, target, progress=c.progress)
+    stamp.write_text(json.dumps(fingerprint))
 
 
 def _split(data_dir: Path, split: str, block_size: int) -> np.ndarray:
@@ -238,20 +259,29 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 class _Log:
     """metrics.jsonl (one object per train step and per evaluation) and optional TensorBoard, rank 0 only."""
 
-    def __init__(self, out: Path, start_step: int, tensorboard: bool):
+    def __init__(self, out: Path, start_step: int, tensorboard: Optional[bool]):
         self.path = out / "metrics.jsonl"
         kept = []
-        if start_step and self.path.exists():  # drop the records after the checkpoint we resume from
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        if start_step and self.path.exists():  # keep the records up to the checkpoint we resume from
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line torn by the interruption
+                    continue
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a")
         self.tb = None
-        if tensorboard:
+        if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+                if tensorboard:
+                    raise TrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+            else:
+                self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -267,6 +297,23 @@ class _Log:
             self.tb.close()
 
 
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device``: cpu or cuda[:N], checked; None picks CUDA when available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainError(f"--device {name}: there are {torch.cuda.device_count()} GPUs")
+    return device
+
+
 def _distributed() -> tuple[int, int, Optional[torch.device]]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
@@ -277,12 +324,13 @@ def _distributed() -> tuple[int, int, Optional[torch.device]]:
 
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns a summary (final step, losses, tokens/s, output directory)."""
-    c = config.resolved()
+    c = config.resolved(int(os.environ.get("WORLD_SIZE", "1")))
+    device = resolve_device(c.device)
     rank, world, dist_device = _distributed()
-    if c.grad_accum % world:
-        raise TrainError(f"--grad-accum ({c.grad_accum}) must be a multiple of the number of ranks ({world})")
-    device = dist_device or torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = dist_device or device
     precision = c.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the MFU peak is TF32's
     out, main = Path(c.out), rank == 0
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out: {out} is not a directory")
@@ -298,10 +346,16 @@ def train(config: TrainConfig) -> dict:
     raw = GPT(mc).to(device)
     opt = FusedAdamW(param_groups(raw, c.weight_decay), lr=c.lr, betas=(0.9, 0.95), eps=1e-8)
     start, ckpt_dir = 0, out / "ckpt"
-    if c.resume and checkpoint.checkpoints(ckpt_dir):
-        start = _restore(checkpoint.resolve(ckpt_dir), raw, opt, mc, c, device)
+    earlier = checkpoint.checkpoints(ckpt_dir)
+    if c.resume and earlier:
+        start = _restore(earlier[-1], raw, opt, mc, c, device)
     elif main:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a fresh run must not resume into an older one's files
+        if c.resume:
+            print(f"fastcore train: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
+        elif earlier:  # a fresh run must not leave an older run's checkpoints to resume into
+            print(f"fastcore train: starting over in {out}: removing the {len(earlier)} checkpoints of an earlier run "
+                  "(--resume continues it instead)", file=sys.stderr)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     if main:
         for name in ("meta.json", "tokenizer.json"):  # `fastcore sample --ckpt OUT` decodes with these
             if (data_dir / name).exists() and data_dir.resolve() != out.resolve():
@@ -316,8 +370,9 @@ def train(config: TrainConfig) -> dict:
                 else contextlib.nullcontext())
     eval_every = c.eval_every or max(1, c.steps // 5)
     ckpt_every = c.ckpt_every or eval_every
-    tokens_per_step = c.grad_accum * c.batch_size * mc.block_size
+    tokens_per_step = c.grad_accum * c.batch_size * mc.block_size   # over all ranks
     flops_per_token, peak = raw.flops_per_token(), peak_flops(device, precision)
+    peak = peak * world if peak else None
 
     def evaluate() -> float:
         raw.eval()
@@ -392,6 +447,10 @@ def train(config: TrainConfig) -> dict:
             "tokens_per_s": rate, "out": str(out), "params": raw.num_params(), "world_size": world}
 
 
+# Settings that shape the batches or the updates: changing them on --resume breaks exactness.
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lr", "min_lr_ratio", "warmup", "steps", "weight_decay", "grad_clip")
+
+
 def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfig, device: torch.device) -> int:
     state = checkpoint.load(path)
     try:
@@ -411,7 +470,11 @@ def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfi
                                          f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from None
     if step >= c.steps:
         raise TrainError(f"--resume: checkpoint {path} is at step {step}, already at --steps ({c.steps}); raise --steps")
-    if state["data"]["seed"] != c.seed:
-        print(f"fastcore train: note: resuming with --seed {c.seed} (the checkpoint's run used "
-              f"{state['data']['seed']}); the batches differ from an uninterrupted run", file=sys.stderr)
+    saved_train = state["config"].get("train", {})
+    changed = [f"--{k.replace('_', '-')} {saved_train[k]} -> {getattr(c, k)}" for k in RESUME_KEYS
+               if k in saved_train and saved_train[k] != getattr(c, k)]
+    if changed:
+        print(f"fastcore train: note: resuming {path} with changed settings ({', '.join(changed)}); "
+              "the run continues, but not as an uninterrupted run would", file=sys.stderr)
+    opt.param_groups[0]["weight_decay"] = c.weight_decay  # the matrices' decay comes from the flags, as lr does
     return step

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastcore.nn as fnn
+from fastcore.ops.attention import HEAD_DIMS
 
 
 @dataclass
@@ -36,6 +37,9 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_embd // self.n_head not in HEAD_DIMS:
+            raise ValueError(f"GPTConfig: the head dim n_embd / n_head = {self.n_embd // self.n_head} must be one of "
+                             f"{HEAD_DIMS} (fastcore.attention's)")
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"GPTConfig: norm must be 'layer' or 'rms', got {self.norm!r}")
         if self.pos not in ("learned", "rope"):

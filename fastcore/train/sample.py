@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from fastcore.train import checkpoint, data
-from fastcore.train.loop import TrainError
+from fastcore.train.loop import TrainError, resolve_device
 from fastcore.train.model import GPT, GPTConfig
 
 
@@ -40,7 +40,7 @@ def sample(path: str | Path, prompt: str, tokens: int, *, temperature: float = 0
         raise TrainError(f"--temperature: must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise TrainError(f"--top-k: must be >= 1, got {top_k}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model, ckpt = load_model(path, device)
     tok = data.load_tokenizer(_tokenizer_dir(ckpt))
     ids = tok.encode(prompt) or [tok.eot]
