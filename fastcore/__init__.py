@@ -11,6 +11,7 @@ from fastcore.ops.adamw import adamw_step
 from fastcore.ops.attention import attention
 from fastcore.ops.norm import layer_norm, rms_norm
 from fastcore import nn, optim
+from fastcore.patching import patch, unpatch
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "adamw_step", "attention", "layer_norm", "rms_norm",
-           "nn", "optim"]
+           "nn", "optim", "patch", "unpatch"]

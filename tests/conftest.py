@@ -58,3 +58,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def without_key_bias(params: dict, suffix: str) -> dict:
+    """``params`` with the key third of each fused-QKV bias (names ending in ``suffix``) cut out.
+    Without rotary positions that slice's gradient is exactly zero (softmax ignores a per-query
+    constant), so Adam(W) turns the rounding noise of two correct computations into full-size steps."""
+    out = dict(params)
+    for name, t in params.items():
+        if name.endswith(suffix):
+            c = t.numel() // 3
+            out[name] = torch.cat((t[:c], t[2 * c:]))
+    return out
