@@ -28,7 +28,7 @@ MIN_REPEATS = 15
 CPU_PASSES = 5
 # Each module registers its benchmarks on import; later ops append theirs here.
 BENCH_MODULES = ("fastcore.bench.bench_norm", "fastcore.bench.bench_attention", "fastcore.bench.bench_adamw",
-                 "fastcore.bench.bench_data_parallel", "fastcore.bench.bench_train")
+                 "fastcore.bench.bench_data_parallel", "fastcore.bench.bench_train", "fastcore.bench.bench_patch")
 EAGER = "torch"  # the provider fastcore speedups are measured against, unless a benchmark names another
 RESULTS_FORMAT = 1  # bump when the results file changes shape
 
