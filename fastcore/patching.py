@@ -10,9 +10,11 @@ optimizer built beforehand all stay valid, and ``unpatch`` swaps the class back:
   then multiply by the weight.
 
 Attention in Hugging Face models goes through ``transformers``' attention registry: fastcore registers
-an implementation named ``"fastcore"`` and sets it on the model. A call that uses what
-``fastcore.attention`` does not do (a padding mask, dropout, a sliding window, a soft cap, an
-unsupported head dim) runs the model's previous implementation instead, counted in the report.
+an implementation named ``"fastcore"`` and sets it on each model (also one wrapped in another module)
+that runs ``"sdpa"``: fastcore keeps SDPA's mask rules, and a call that needs what ``fastcore.attention``
+does not do (a padding mask, dropout, a sliding window shorter than the keys, a soft cap, an
+unsupported head dim) runs SDPA instead, counted in the report. Models on another implementation
+(eager, flex, flash: often for features SDPA lacks) keep it.
 """
 from __future__ import annotations
 
@@ -34,8 +36,19 @@ IMPLEMENTATION = "fastcore"
 _reports: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def _rebuild(original: type, state: dict) -> nn.Module:
+    """Unpickle a patched Hugging Face norm: its generated class is rebuilt from the original."""
+    module = original.__new__(original)
+    module.__setstate__(state)
+    module.__class__ = _hf_patched_class(original)
+    return module
+
+
 class _HFRMSNorm:
     """Mixed into a Hugging Face Llama-style RMSNorm class: the same maths on fastcore's kernel."""
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (self._fastcore_original, self.__dict__)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -54,8 +67,9 @@ def _hf_patched_class(cls: type) -> type:
 
 
 def _llama_rms_code():
-    """The code object of Llama's RMSNorm.forward, or None without transformers."""
-    if importlib.util.find_spec("transformers") is None:
+    """The code object of Llama's RMSNorm.forward; None when transformers is not loaded (then the
+    model holds no Hugging Face module, and importing it would cost seconds)."""
+    if sys.modules.get("transformers") is None:
         return None
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -92,17 +106,15 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
     The report counts, per kind, the modules now running fastcore (``layer_norm``, ``rms_norm``,
     ``attention``: Hugging Face attention layers routed through ``fastcore.attention``), the norm-like
     modules left alone (``skipped``, by class name) and, live, the attention calls that fell back to
-    the model's own implementation (``attention_fallbacks``, by reason). Calling it again patches
-    what is new and returns the same kind of report; ``unpatch`` undoes it.
+    SDPA (``attention_fallbacks``, by reason); ``notes`` say what was not patched and why. Calling it
+    again patches what is new and returns the same report; ``unpatch`` undoes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    from fastcore.backends import BACKENDS
-
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"patch: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    _check_backend(model, backend, layer_norm, rms_norm, attention)
     report = _reports.get(model) or {"layer_norm": 0, "rms_norm": 0, "attention": 0, "skipped": Counter(),
-                                      "attention_fallbacks": Counter(), "notes": [], "backend": backend}
+                                      "attention_fallbacks": Counter(), "notes": []}
+    report["backend"] = backend
     report["skipped"].clear()
     llama_code = _llama_rms_code()
     for module in model.modules():
@@ -124,15 +136,33 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
         report[kind] += 1
     if attention:
         _patch_hf_attention(model, report)
-    _reports[model] = report
     for module in model.modules():
-        _reports.setdefault(module, report)
+        _reports[module] = report
     return report
 
 
+def _check_backend(model: nn.Module, backend: str, layer_norm: bool, rms: bool, attn: bool) -> None:
+    from fastcore.backends import BACKENDS, available_backends
+
+    if backend == "auto":
+        return
+    if backend not in BACKENDS:
+        raise ValueError(f"patch: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    for op, wanted in (("layer_norm", layer_norm), ("rms_norm", rms), ("attention", attn)):
+        if wanted and backend not in available_backends(op, device):
+            from fastcore.backends import why_unavailable
+
+            raise ValueError(f"patch: backend {backend!r} cannot run {op} on {device}: "
+                             f"{why_unavailable(backend, device, op=op)}")
+
+
 def unpatch(model: nn.Module) -> dict:
-    """Undo ``patch``: every module back to its class, the attention implementation back to the
-    model's previous one. Returns the counts restored per kind."""
+    """Undo ``patch``: every module back to its class, each patched Hugging Face model back to SDPA
+    (the only implementation fastcore takes over). Returns the counts restored per kind."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     restored = Counter()
     for module in model.modules():
         original = module.__dict__.pop("_fastcore_original", None)
@@ -143,86 +173,125 @@ def unpatch(model: nn.Module) -> dict:
         module.__dict__.pop("fastcore_backend", None)
         module.__class__ = original
         restored[kind] += 1
-    previous = model.__dict__.pop("_fastcore_attn_previous", None)
-    if previous is not None:
-        model.set_attn_implementation(previous)
-        restored["attention"] = _count_attention_layers(model)
+    for hf in _hf_models(model):
+        if any(_implementation(c) == IMPLEMENTATION for c in _configs(hf)):
+            hf.set_attn_implementation("sdpa")
+            restored["attention"] += _count_attention_layers(hf)
     for module in model.modules():
         _reports.pop(module, None)
     return dict(restored)
 
 
-def _count_attention_layers(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "config"))
+def _note(report: dict, text: str) -> None:
+    if text not in report["notes"]:
+        report["notes"].append(text)
+
+
+def _hf_models(model: nn.Module) -> list:
+    """The outermost Hugging Face models in ``model`` (itself, or wrapped in other modules)."""
+    if sys.modules.get("transformers") is None:
+        return []
+    from transformers import PreTrainedModel
+
+    found, covered = [], set()
+    for module in model.modules():  # pre-order: an outer model comes before the models inside it
+        if isinstance(module, PreTrainedModel) and id(module) not in covered:
+            found.append(module)
+            covered.update(id(m) for m in module.modules())
+    return found
+
+
+def _configs(hf) -> list:
+    """A model's config and its sub-configs, at any depth."""
+    out, todo = [], [hf.config]
+    while todo:
+        config = todo.pop()
+        out.append(config)
+        todo += [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None]
+    return out
+
+
+def _implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+def _routes_through_registry(module: nn.Module) -> bool:
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and "get_interface" in code.co_names
+
+
+def _count_attention_layers(hf: nn.Module) -> int:
+    return sum(1 for m in hf.modules() if _routes_through_registry(m))
 
 
 def _patch_hf_attention(model: nn.Module, report: dict) -> None:
-    if importlib.util.find_spec("transformers") is None:
-        if "transformers is not installed: Hugging Face attention not patched" not in report["notes"]:
-            report["notes"].append("transformers is not installed: Hugging Face attention not patched")
+    if sys.modules.get("transformers") is None and importlib.util.find_spec("transformers") is None:
+        _note(report, "transformers is not installed: Hugging Face attention not patched")
         return
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
+    models = _hf_models(model)
+    if not models:
         return
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
-        report["notes"].append("this transformers has no attention registry: attention not patched")
+        _note(report, "this transformers has no attention registry: attention not patched")
         return
     AttentionInterface.register(IMPLEMENTATION, _hf_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # no mask at all when causal without padding
-    current = model.config._attn_implementation
-    if current == IMPLEMENTATION:
-        return
-    if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
-        report["notes"].append(f"{type(model).__name__} does not dispatch through the attention registry: "
-                               "attention not patched")
-        return
-    model.set_attn_implementation(IMPLEMENTATION)
-    model._fastcore_attn_previous = current
-    report["fallback_to"] = current
-    report["attention"] = _count_attention_layers(model)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # SDPA's masks: none when causal without padding
+    for hf in models:
+        name = type(hf).__name__
+        implementations = {_implementation(c) for c in _configs(hf)}
+        if implementations == {IMPLEMENTATION}:
+            continue  # patched before (or shares a patched model's config)
+        if implementations != {"sdpa"}:
+            _note(report, f"{name} runs attention {sorted(map(str, implementations))}: fastcore takes over only from "
+                          "'sdpa', so its attention is left as it is")
+            continue
+        if not hasattr(hf, "set_attn_implementation") or not hf._can_set_attn_implementation():
+            _note(report, f"{name} does not dispatch through the attention registry: attention not patched")
+            continue
+        hf.set_attn_implementation(IMPLEMENTATION)
+        report["attention"] += _count_attention_layers(hf)
 
 
 def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                   is_causal=None, **kwargs):
     """``transformers``' attention-function signature on ``fastcore.attention``: q ``(B, Hq, T, D)``,
-    k/v ``(B, Hkv, S, D)``; returns ``((B, T, Hq, D), None)``."""
+    k/v ``(B, Hkv, S, D)``; returns ``((B, T, Hq, D), None)``. What it cannot do goes to SDPA."""
     report = _reports.get(module)
-    reason = _unsupported(module, query, key, attention_mask, dropout, kwargs)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    reason = _unsupported(query, key, attention_mask, dropout, causal, kwargs)
     if reason is not None:
         if report is not None:
             report["attention_fallbacks"][reason] += 1
         from transformers import AttentionInterface
 
-        previous = report.get("fallback_to", "sdpa") if report else "sdpa"
-        if previous == "eager":  # each model file has its own eager function, outside the registry
-            fallback = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            fallback = AttentionInterface()[previous]
-        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                        is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, is_causal=is_causal, **kwargs)
     # One query row (decoding with a cache) sees every key; longer blocks are bottom-right causal.
-    out = attention(query, key, value, causal=bool(causal) and query.shape[2] > 1, scale=scaling,
+    out = attention(query, key, value, causal=causal and query.shape[2] > 1, scale=scaling,
                     backend=report["backend"] if report else "auto")
     return out.transpose(1, 2).contiguous(), None
 
 
-def _unsupported(module, query, key, attention_mask, dropout, kwargs) -> str | None:
+def _unsupported(query, key, attention_mask, dropout, causal, kwargs) -> str | None:
     if attention_mask is not None:
         return "attention_mask"
     if dropout:
         return "dropout"
-    for name in ("sliding_window", "softcap", "position_bias", "s_aux"):
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        return "sliding_window"
+    for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             return name
     if kwargs.get("output_attentions"):
         return "output_attentions"
+    if query.device.type not in ("cpu", "cuda"):
+        return "device"
     if query.shape[-1] not in HEAD_DIMS or key.shape[-1] != query.shape[-1]:
         return "head_dim"
-    if query.shape[2] > 1 and query.shape[2] != key.shape[2]:
+    if causal and 1 < query.shape[2] != key.shape[2]:
         return "chunked_prefill"
     return None

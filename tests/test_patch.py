@@ -12,7 +12,11 @@ from conftest import HAS_GPU, TOLERANCE, assert_close, without_key_bias
 from fastcore import patching as patch_module
 from fastcore.optim import FusedAdamW
 
-transformers = pytest.importorskip("transformers", reason="transformers is in the test extras")
+try:
+    import transformers
+except ImportError:  # the plain-PyTorch tests still run
+    transformers = None
+hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (it is in the test extras)")
 
 
 class Plain(nn.Module):
@@ -33,7 +37,7 @@ class Plain(nn.Module):
 
 def loss_and_grads(model, x, **kwargs):
     model.zero_grad(set_to_none=True)
-    if isinstance(model, transformers.PreTrainedModel):
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
         loss = model(x, labels=x, **kwargs).loss
     else:
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
@@ -49,9 +53,10 @@ def assert_same_training(patched, original, x, **kwargs):
         assert_close(ga[name], gb[name], torch.float32, f"grad of {name}")
 
 
-def gpt2(layers=2):
+def gpt2(layers=2, **extra):
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
-                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                  **extra)
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -148,6 +153,7 @@ def test_without_transformers_plain_patching_still_works(monkeypatch):
 
 # ---- Hugging Face ---------------------------------------------------------------------------------
 
+@hf
 @pytest.mark.parametrize("make,norm_kind,norm_class", [(gpt2, "layer_norm", "LayerNorm"),
                                                        (llama, "rms_norm", "FastcoreLlamaRMSNorm")])
 def test_hf_model_trains_alike(make, norm_kind, norm_class, calls):
@@ -170,6 +176,7 @@ def test_hf_model_trains_alike(make, norm_kind, norm_class, calls):
     assert {type(m) for m in model.modules()} == {type(m) for m in original.modules()}
 
 
+@hf
 def test_llama_rmsnorm_keeps_its_bf16_numerics():
     """Llama rounds the normalised activations to bf16 before the weight multiply; so must we."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -178,17 +185,20 @@ def test_llama_rmsnorm_keeps_its_bf16_numerics():
     norm = LlamaRMSNorm(64).to(torch.bfloat16)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(8, 64, dtype=torch.bfloat16) * 3
+    x = torch.randn(64, 64, dtype=torch.bfloat16) * 3
     expect = norm(x)
-    wrapper = nn.Sequential(norm)
-    fastcore.patch(wrapper)
+    fastcore.patch(nn.Sequential(norm))
     got = norm(x)
-    assert got.dtype == expect.dtype
-    # Bit-equal up to the fp32 sum order of mean(x^2): at most one bf16 ulp apart.
-    ulp = (expect.float().abs() * 2 ** -7).clamp_min(1e-30)
-    assert ((got.float() - expect.float()).abs() <= ulp).all()
+    assert got.dtype == expect.dtype == torch.bfloat16
+    # Bit-equal but where the fp32 sum order of mean(x^2) tips a rounding: then one bf16 ulp apart.
+    # (Multiplying the weight before rounding, as a fused kernel would, differs on ~25% of elements.)
+    same = got == expect
+    assert same.float().mean() >= 0.97, same.float().mean()
+    ulp = expect.float().abs() * 2 ** -7
+    assert ((got.float() - expect.float()).abs() <= ulp)[~same].all()
 
 
+@hf
 def test_padding_mask_falls_back_and_is_counted(calls):
     torch.manual_seed(0)
     model = llama()
@@ -203,6 +213,7 @@ def test_padding_mask_falls_back_and_is_counted(calls):
     assert report["attention_fallbacks"] == {"attention_mask": 2} and calls == []
 
 
+@hf
 def test_generation_with_a_kv_cache_matches(calls):
     torch.manual_seed(0)
     model = gpt2().eval()
@@ -214,6 +225,7 @@ def test_generation_with_a_kv_cache_matches(calls):
     assert any(q[2] == 1 for q in calls)                           # the cached one-query steps ran on fastcore
 
 
+@hf
 def test_dropout_in_training_falls_back():
     cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100, n_positions=32, attn_pdrop=0.1)
     model = transformers.GPT2LMHeadModel(cfg).train()
@@ -242,6 +254,7 @@ def _hf_trainer_run(tmp_path, make_opt):
     return without_key_bias({n: p.detach().clone() for n, p in model.named_parameters()}, "attn.c_attn.bias")
 
 
+@hf
 def test_fused_adamw_in_the_hf_trainer(tmp_path):
     ours = _hf_trainer_run(tmp_path / "a", lambda ps: FusedAdamW(ps, lr=1e-3, weight_decay=0.01))
     torchs = _hf_trainer_run(tmp_path / "b", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01))
@@ -249,6 +262,7 @@ def test_fused_adamw_in_the_hf_trainer(tmp_path):
         assert_close(ours[name], torchs[name], torch.float32, name)
 
 
+@hf
 def test_fused_adamw_in_a_plain_loop_on_a_patched_model():
     torch.manual_seed(0)
     a = llama(1)
@@ -265,6 +279,7 @@ def test_fused_adamw_in_a_plain_loop_on_a_patched_model():
         assert_close(p, q, torch.float32, name)
 
 
+@hf
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("make", [gpt2, llama])
@@ -287,3 +302,109 @@ def test_gpu_bf16_training_curves_agree(make):
     for la, lb in zip(*curves):
         assert abs(la - lb) <= TOLERANCE[torch.bfloat16] * abs(lb), curves
     assert curves[0][-1] < curves[0][0]
+
+
+@hf
+def test_eager_models_keep_their_attention():
+    """fastcore takes over only from SDPA: eager (chosen, or needed for softcap/dropout quirks) stays."""
+    torch.manual_seed(0)
+    model = gpt2(attn_implementation="eager")
+    original = copy.deepcopy(model)
+    report = fastcore.patch(model)
+    assert report["attention"] == 0 and model.config._attn_implementation == "eager"
+    assert "GPT2LMHeadModel runs attention ['eager']" in report["notes"][0]
+    assert report["layer_norm"] == 5
+    x = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        assert_close(model(x, attention_mask=mask).logits, original(x, attention_mask=mask).logits, torch.float32)
+
+
+@hf
+@pytest.mark.parametrize("arch", ["Mistral", "Qwen2"])
+def test_mistral_and_qwen2(arch, calls):
+    cfg = getattr(transformers, f"{arch}Config")(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                                max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    original = copy.deepcopy(model)
+    report = fastcore.patch(model)
+    assert report["rms_norm"] == 5 and report["attention"] == 2
+    assert_same_training(model, original, torch.randint(0, 100, (2, 20)))
+    assert len(calls) == 2 and not report["attention_fallbacks"]
+
+
+@hf
+def test_a_sliding_window_shorter_than_the_keys_falls_back():
+    cfg = transformers.MistralConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=100, sliding_window=8, bos_token_id=0,
+                                     eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg)
+    original = copy.deepcopy(model)
+    report = fastcore.patch(model)
+    x = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        assert_close(model(x).logits, original(x).logits, torch.float32)
+    assert report["attention_fallbacks"] == {"attention_mask": 1}     # SDPA's rules make the window a mask
+
+
+@hf
+def test_a_wrapped_model_and_a_shared_config(calls):
+    torch.manual_seed(0)
+    inner = llama()
+    twin = llama()
+    twin.config = inner.config                                     # two models, one config object
+    for m in twin.modules():
+        if hasattr(m, "config"):
+            m.config = inner.config
+    wrapper = nn.ModuleDict({"lm": inner})
+    report = fastcore.patch(wrapper)
+    assert report["attention"] == 2 and report["rms_norm"] == 5
+    x = torch.randint(0, 100, (1, 8))
+    inner(x)
+    assert len(calls) == 2
+    assert twin.config._attn_implementation == "fastcore"         # the shared config routes it too
+    assert fastcore.unpatch(wrapper) == {"rms_norm": 5, "attention": 2}
+    assert inner.config._attn_implementation == twin.config._attn_implementation == "sdpa"
+
+
+@hf
+def test_padded_generation_matches_and_counts_fallbacks():
+    torch.manual_seed(0)
+    model = llama().eval()
+    original = copy.deepcopy(model)
+    report = fastcore.patch(model)
+    x = torch.randint(1, 100, (2, 6))
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(x, **kw), original.generate(x, **kw))
+    assert report["attention_fallbacks"]["attention_mask"] >= 2 * 5
+
+
+@hf
+def test_save_and_load_a_patched_model(tmp_path):
+    torch.manual_seed(0)
+    model = llama()
+    fastcore.patch(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded.model.norm).__name__ == "FastcoreLlamaRMSNorm"
+    x = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert fastcore.unpatch(loaded)["rms_norm"] == 5
+    assert type(loaded.model.norm).__name__ == "LlamaRMSNorm"
+
+
+def test_unpatch_rejects_a_non_module():
+    with pytest.raises(TypeError, match="unpatch: model must be a torch.nn.Module"):
+        fastcore.unpatch("model")
+
+
+def test_a_backend_that_cannot_run_an_op_is_refused():
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run"):
+        fastcore.patch(Plain(), backend="cuda")
