@@ -62,7 +62,7 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 def build(case: Case, device: str):
     tf = _transformers()
-    kwargs = MODELS[device][case.tag][0]
+    kwargs = next(models[case.tag][0] for models in MODELS.values() if case.tag in models)
     dropout = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0) if case.tag.startswith("gpt2") else {}
     config = (tf.GPT2Config if case.tag.startswith("gpt2") else tf.LlamaConfig)(
         **kwargs, **dropout, bos_token_id=0, eos_token_id=0)
