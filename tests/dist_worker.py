@@ -115,6 +115,20 @@ def unused(rank, world, opts):
     return {"unused_grad_zero": bool(torch.all(model.unused.weight.grad == 0))}
 
 
+def double_backward(rank, world, opts):
+    """create_graph=True is refused on every rank before any collective, then a plain step still works."""
+    model = make_model()
+    dp = DataParallel(model, find_unused_parameters=True)
+    x, y = data(0)
+    try:
+        loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward(create_graph=True)
+    except RuntimeError as exc:
+        error = str(exc)
+    model.zero_grad(set_to_none=True)
+    loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
+    return {"error": error, "grads": all(p.grad is not None for p in model.parameters() if p.requires_grad)}
+
+
 def die(rank, world, opts):
     model = make_model()
     dp = DataParallel(model)
@@ -183,7 +197,7 @@ def grads(rank, world, opts):
 
 
 SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
-             "compress": compress, "unused": unused, "die": die, "grads": grads}
+             "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward}
 
 
 def main():

@@ -86,6 +86,12 @@ def test_compressed_buckets_stay_close_to_fp32(tmp_path, compress):
     assert results[0]["dtypes"] == ["torch.float32"]  # gradients come back in the parameters' dtype
 
 
+def test_double_backward_is_refused_on_every_rank(tmp_path):
+    for r in run_ranks("double_backward", 2, tmp_path):
+        assert "create_graph=True" in r["error"] and "not supported" in r["error"]
+        assert r["grads"]
+
+
 def test_unused_parameters_are_named_or_reduced_as_zeros(tmp_path):
     refused = run_ranks("unused", 2, tmp_path, find=False)
     for r in refused:

@@ -162,6 +162,9 @@ class DataParallel(nn.Module):
             self._launch_ready()
 
     def _start_backward(self) -> None:
+        if torch.is_grad_enabled():  # the same on every rank, and before any collective: no rank waits
+            raise RuntimeError("DataParallel: backward(create_graph=True) (double backward) is not supported; "
+                               "run it on the wrapped module under no_sync() and reduce the gradients yourself")
         self._in_backward = True
         self._ready = [False] * len(self._params)
         self._order_seen: list[int] = []
