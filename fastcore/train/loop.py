@@ -277,9 +277,10 @@ class _Log:
         if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
+            except Exception as exc:  # not installed, or installed but broken: optional unless asked for
                 if tensorboard:
-                    raise TrainError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)") from None
+                    raise TrainError(f"--tensorboard: cannot use tensorboard ({type(exc).__name__}: {exc}); "
+                                     "pip install tensorboard") from None
             else:
                 self.tb = SummaryWriter(str(out / "tensorboard"))
 
