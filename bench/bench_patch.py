@@ -26,7 +26,7 @@ LR = 1e-4
 MODELS = {
     "cuda": {
         "gpt2-124m": (dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024), 8, 1024),
-        # ~0.3B parameters, GQA 16:4, head dim 64.
+        # 0.25B parameters, GQA 16:4, head dim 64.
         "llama-0.3b": (dict(num_hidden_layers=16, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
                             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 4, 2048),
     },
@@ -108,7 +108,7 @@ def setup(make, case: Case, device: str):
 
 
 def work(case: Case):
-    # Model FLOPs per step: 6 per parameter per token plus attention's 6·L·C·T, as bench_train counts.
+    # Model FLOPs per step: 6 per parameter (all of them, embeddings included) per token plus 6·L·C·T.
     with torch.device("meta"):
         model, _ = build(case, "meta")
     cfg = model.config

@@ -16,7 +16,7 @@ The floor is compute: ``GPT.flops_per_token()`` = 6N + 6·L·C·T FLOPs per toke
 position table). GPT-2 124M at T=1024 does 6·123.7M + 6·12·768·1024 = 0.799 GFLOP per token; an
 H100 SXM's 989 TFLOP/s dense bf16 peak gives 1.24M tokens/s at 100% MFU, so the target of 50% MFU
 is 619k tokens/s: a 16 x 1024 step in 26.5 ms. ``small`` does 68.2 MFLOP per token, 140 GFLOP per
-8 x 256 step: about 1.0 s at the ~140 GFLOP/s fp32 matmul rate of the 2-core CI VM (1,470 tokens/s).
+8 x 256 step: about 1.0 s at the ~140 GFLOP/s fp32 matmul rate of the 2-core CI VM (2,050 tokens/s).
 There is no quick case: its four providers (two of them compiling) would add about 4 minutes to the CI gate.
 """
 from __future__ import annotations

@@ -68,28 +68,34 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a GPT-style model (default: the tiny preset on the Python stdlib's source)",
                        description="Train a GPT-style language model on one device, or on several ranks under "
                        "torchrun (torchrun --nproc-per-node N -m fastcore train ...). Unset values come from the preset.")
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="model shape and training defaults: tiny (0.45M parameters, 2-core CPU minutes), small "
+                   "(10.9M), gpt2-124m (GPT-2 small); default: %(default)s")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="a prepared directory (fastcore data prepare), or text files/directories/globs/.jsonl to "
                    "prepare with the byte tokenizer into OUT/data; default: the Python standard library's source")
-    p.add_argument("--out", default="runs/fastcore", help="run directory: checkpoints, metrics.jsonl (default: %(default)s)")
+    p.add_argument("--out", default="runs/fastcore",
+                   help="run directory: ckpt/, metrics.jsonl; a run without --resume clears its ckpt/ (default: %(default)s)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch on each rank")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, over all ranks")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (default: %(default)s)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps, then cosine decay")
+    p.add_argument("--warmup", type=int, help="linear warmup steps, then cosine decay (default: the preset's, at most "
+                   "--steps / 10)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="on matrices only (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in OUT/ckpt; with the same settings, exactly")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: a fifth of the run)")
     p.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (default: %(default)s)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (default: with each evaluation)")
     p.add_argument("--keep-ckpts", type=int, default=3, help="checkpoints kept (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); torchrun picks per rank")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available); under torchrun each rank "
+                   "takes its own and --device must be left out or agree")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
                    help="TensorBoard logs in OUT/tensorboard (default: when the tensorboard package is installed)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -102,24 +108,32 @@ def _train_parser(sub) -> None:
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare a corpus: fastcore data prepare --input PATH... --out DIR")
     actions = p.add_subparsers(dest="action", required=True)
-    q = actions.add_parser("prepare", help="tokenize text files, directories, globs and .jsonl into train.bin/val.bin")
-    q.add_argument("--input", nargs="+", required=True, metavar="PATH")
-    q.add_argument("--out", required=True, metavar="DIR")
-    q.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    q = actions.add_parser("prepare", help="tokenize text files, directories, globs and .jsonl into train.bin/val.bin",
+                           description="Read text, drop exact duplicate and empty documents, shuffle the documents, "
+                           "tokenize, and write train.bin/val.bin (uint16 or uint32 memmaps) and meta.json to DIR.")
+    q.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text files, directories (text suffixes, recursively), quoted globs ('data/**/*.txt'), "
+                   ".jsonl files (their 'text' field)")
+    q.add_argument("--out", required=True, metavar="DIR", help="the prepared directory to write")
+    q.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte",
+                   help="byte: UTF-8 bytes + end-of-text (257 ids); bpe: trained on the corpus with the tokenizers "
+                   "library (default: %(default)s)")
     q.add_argument("--vocab", type=int, help="BPE vocabulary size (required with --tokenizer bpe)")
-    q.add_argument("--val-fraction", type=float, default=0.05, help="(default: %(default)s)")
+    q.add_argument("--val-fraction", type=float, default=0.05,
+                   help="the last fraction of the shuffled token stream kept for validation (default: %(default)s)")
     q.add_argument("--seed", type=int, default=0, help="document shuffle (default: %(default)s)")
 
 
 def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="continue a prompt with a trained checkpoint")
+    p = sub.add_parser("sample", help="continue a prompt with a trained checkpoint",
+                       description="Print the prompt followed by sampled tokens, decoded with the run's tokenizer.")
     p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint file")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--prompt", default="", help="text to continue; empty starts from end-of-text")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest; 0: all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
 
 
 def _run_trainer_command(args) -> int:

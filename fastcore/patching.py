@@ -37,7 +37,8 @@ _reports: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictiona
 
 
 def _rebuild(original: type, state: dict) -> nn.Module:
-    """Unpickle a patched Hugging Face norm: its generated class is rebuilt from the original."""
+    """Unpickle a patched Hugging Face norm: its generated class is rebuilt from the original. (A
+    fresh process must call ``patch`` on the loaded model to register the attention implementation.)"""
     module = original.__new__(original)
     module.__setstate__(state)
     module.__class__ = _hf_patched_class(original)
@@ -142,20 +143,17 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
 
 
 def _check_backend(model: nn.Module, backend: str, layer_norm: bool, rms: bool, attn: bool) -> None:
-    from fastcore.backends import BACKENDS, available_backends
+    """Refuse, now and with the reason, a backend that cannot run a patched op on the model's device."""
+    from fastcore.backends import resolve_backend
 
-    if backend == "auto":
-        return
-    if backend not in BACKENDS:
-        raise ValueError(f"patch: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     for op, wanted in (("layer_norm", layer_norm), ("rms_norm", rms), ("attention", attn)):
-        if wanted and backend not in available_backends(op, device):
-            from fastcore.backends import why_unavailable
-
-            raise ValueError(f"patch: backend {backend!r} cannot run {op} on {device}: "
-                             f"{why_unavailable(backend, device, op=op)}")
+        if wanted:
+            try:
+                resolve_backend(op, backend, device)
+            except (ValueError, RuntimeError) as exc:
+                raise ValueError(f"patch: {exc}") from None
 
 
 def unpatch(model: nn.Module) -> dict:

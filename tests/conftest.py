@@ -1,5 +1,6 @@
 """Shared test protocol: the tolerance table, error metric, device/backend matrix and output poisoning."""
 import os
+import socket
 
 import torch
 
@@ -70,3 +71,10 @@ def without_key_bias(params: dict, suffix: str) -> dict:
             c = t.numel() // 3
             out[name] = torch.cat((t[:c], t[2 * c:]))
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

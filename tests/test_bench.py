@@ -183,6 +183,9 @@ def test_train_flops_by_hand_and_a_step_of_each_model():
         assert row["tokens_per_s"] == pytest.approx(64 / 0.020)
         assert row["mfu"] == pytest.approx(64 / 0.020 * extras["flops_per_token"] / 1e12)
     # The same model, seed and tokens: the two steps train alike.
+    # The first loss is the same forward (fp32 1e-5); the later ones also carry two AdamW steps, which
+    # turn the rounding differences of the key bias's exactly-zero gradient into lr-sized moves.
+    assert losses["fastcore-eager"][0] == pytest.approx(losses["torch"][0], rel=1e-5)
     assert losses["fastcore-eager"] == pytest.approx(losses["torch"], rel=1e-4)
     assert losses["torch"][2] < losses["torch"][0]
 

@@ -2,7 +2,6 @@
 against one process on the global batch; and bucket assignment by hand."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import free_port
 from fastcore.distributed import DataParallel, assign_buckets, init_from_env
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(scenario: str, world: int, tmp_path, **opts) -> list:

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, without_key_bias
+from conftest import assert_close, free_port, without_key_bias
 from fastcore import cli
 from fastcore.train import checkpoint, data, loop
 from fastcore.train.loop import Batches, TrainConfig, TrainError, lr_at, peak_flops, train
@@ -97,6 +96,19 @@ def test_rope_scores_depend_only_on_the_offset():
         assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-4)
     with pytest.raises(ValueError, match="rope_base"):
         CausalSelfAttention(32, 1, rope_base=0.5)
+
+
+def test_rope_against_a_float64_complex_rotation():
+    """Pair (i, i + D/2) at position p is turned by p * base^(-2i/D), as a complex number."""
+    from fastcore.nn import CausalSelfAttention
+
+    d, t, base = 16, 9, 10000.0
+    m = CausalSelfAttention(d, 1, rope_base=base)
+    x = torch.randn(2, 1, t, d)
+    z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double())
+    angles = torch.arange(t, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    expect = z * torch.polar(torch.ones_like(angles), angles)
+    assert_close(m._rotate(x), torch.cat((expect.real, expect.imag), dim=-1), torch.float32)
 
 
 def test_generate_crops_to_block_size_and_greedy_is_argmax():
@@ -240,13 +252,8 @@ def test_raw_inputs_are_prepared_into_the_run(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     train(TrainConfig(data=[str(text)], out=str(tmp_path / "run"), steps=2, **SMALL))
     meta = data.load_meta(tmp_path / "run" / "data")
-    assert meta["sources"] == [str(text)] and meta["train_tokens"] + meta["val_tokens"] == 9001
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert meta["sources"] == [str(text)]
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text.read_bytes()) + 1   # bytes + end-of-text
 
 
 def test_torchrun_two_gloo_ranks_match_one_rank(corpus, tmp_path):
@@ -426,14 +433,14 @@ def test_raw_inputs_are_reused_until_they_change(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     cfg = dict(data=[str(text)], out=str(tmp_path / "run"), steps=1, **SMALL)
     train(TrainConfig(**cfg))
-    meta = tmp_path / "run" / "data" / "meta.json"
-    first = meta.stat().st_mtime_ns
+    meta_file = tmp_path / "run" / "data" / "meta.json"
+    first = meta_file.stat().st_mtime_ns
     train(TrainConfig(**cfg))
-    assert meta.stat().st_mtime_ns == first                       # unchanged inputs: reused
+    assert meta_file.stat().st_mtime_ns == first                       # unchanged inputs: reused
     text.write_text("a different corpus, longer than before. " * 300)
     train(TrainConfig(**cfg))
-    assert data.load_meta(tmp_path / "run" / "data")["train_tokens"] + \
-        data.load_meta(tmp_path / "run" / "data")["val_tokens"] == 12001
+    meta = data.load_meta(tmp_path / "run" / "data")
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text.read_bytes()) + 1
     assert "removing the 1 checkpoints of an earlier run" in capsys.readouterr().err
 
 

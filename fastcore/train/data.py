@@ -258,7 +258,8 @@ def _prepare_files(files: list[Path], out: Path, *, tokenizer: str, vocab: int |
             "train_tokens": len(train), "val_tokens": len(val), "documents": len(docs), **counts,
             "bytes": sum(len(d) for d in docs), "sources": sources, "seed": seed, "val_fraction": val_fraction}
     _write_atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    print(f"prepared {len(docs)} documents ({counts['duplicates_dropped']} duplicates dropped) -> "
+    print(f"prepared {len(docs)} documents ({counts['duplicates_dropped']} duplicates and "
+          f"{counts['empty_dropped']} empty documents dropped) -> "
           f"{len(train)} train / {len(val)} val tokens in {shown_as or out}", file=sys.stderr)
     return meta
 
@@ -322,12 +323,10 @@ def default_corpus() -> list[Path]:
     return sorted(files)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTCORE_CACHE_DIR") or Path.home() / ".cache" / "fastcore")
-
-
 def default_data_dir() -> Path:
     """The default corpus, byte-tokenized once into the cache and reused afterwards."""
+    from fastcore.extension import cache_dir  # one cache root for the extension and the data
+
     final = cache_dir() / "data" / f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-byte"
     if (final / "meta.json").is_file():
         return final

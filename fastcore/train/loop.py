@@ -269,9 +269,7 @@ class _Log:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):  # a line torn by the interruption
                     continue
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
+        data._write_atomic(self.path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
         self.file = open(self.path, "a")
         self.tb = None
         if tensorboard is not False:
@@ -328,6 +326,9 @@ def train(config: TrainConfig) -> dict:
     c = config.resolved(int(os.environ.get("WORLD_SIZE", "1")))
     device = resolve_device(c.device)
     rank, world, dist_device = _distributed()
+    if dist_device is not None and c.device is not None and dist_device.type != device.type:
+        raise TrainError(f"--device {c.device}: under torchrun each rank takes {dist_device.type} "
+                         f"(one GPU per rank when CUDA is available, else the CPU); drop --device")
     device = dist_device or device
     precision = c.precision or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda" and precision == "fp32":

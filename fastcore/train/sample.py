@@ -31,15 +31,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     return model.to(device).eval(), ckpt
 
 
-def sample(path: str | Path, prompt: str, tokens: int, *, temperature: float = 0.8, top_k: Optional[int] = 200,
+def sample(path: str | Path, prompt: str, tokens: int, *, temperature: float = 0.8, top_k: Optional[int] = 50,
            seed: int = 0, device: Optional[str] = None) -> str:
     """``prompt`` followed by ``tokens`` sampled tokens, decoded."""
     if tokens < 0:
         raise TrainError(f"--tokens: must be >= 0, got {tokens}")
     if temperature < 0:
         raise TrainError(f"--temperature: must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise TrainError(f"--top-k: must be >= 1, got {top_k}")
+    if top_k is not None and top_k < 0:
+        raise TrainError(f"--top-k: must be >= 0 (0: no top-k), got {top_k}")
+    top_k = top_k or None
     device = resolve_device(device)
     model, ckpt = load_model(path, device)
     tok = data.load_tokenizer(_tokenizer_dir(ckpt))
