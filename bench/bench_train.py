@@ -30,7 +30,7 @@ import torch
 import fastcore
 from fastcore.bench.harness import Benchmark, Case, register
 from fastcore.optim import FusedAdamW
-from fastcore.train.loop import param_groups, peak_flops
+from fastcore.train.loop import TrainConfig, param_groups, peak_flops
 from fastcore.train.model import GPT, PRESETS, GPTConfig
 
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 0.1, 1.0
@@ -58,9 +58,7 @@ def _why_no_fastcore(device: str) -> str | None:
 
 
 def config(case: Case) -> GPTConfig:
-    preset = PRESETS[case.tag]
-    return GPTConfig(vocab_size=VOCAB[case.tag], block_size=case.shape[1], n_layer=preset["n_layer"],
-                     n_head=preset["n_head"], n_embd=preset["n_embd"])
+    return TrainConfig(preset=case.tag, block_size=case.shape[1]).model_config(VOCAB[case.tag])
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -119,6 +119,7 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
     report["skipped"].clear()
     llama_code = _llama_rms_code()
     for module in model.modules():
+        _reports[module] = report  # how the attention function finds the live report
         if _is_fastcore(module):
             continue
         target = _norm_target(module, layer_norm, rms_norm, llama_code)
@@ -137,8 +138,6 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
         report[kind] += 1
     if attention:
         _patch_hf_attention(model, report)
-    for module in model.modules():
-        _reports[module] = report
     return report
 
 

@@ -15,6 +15,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the run; the message names the file."""
 
 
+def describe(exc: Exception) -> str:
+    """``Type: first line of the message``: an exception quoted inside a one-line error."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
 def checkpoints(directory: str | os.PathLike) -> list[Path]:
     """The complete checkpoints in ``directory``, oldest first (temporary files are not listed)."""
     d = Path(directory)
@@ -56,8 +62,7 @@ def load(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, not a torch file, or holding disallowed objects
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({describe(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a fastcore checkpoint of format {FORMAT}")
     return state

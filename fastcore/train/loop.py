@@ -137,6 +137,11 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return None
 
 
+def windows(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
+    """``(len(starts), length + 1)`` int64: each window and the token after it (inputs and targets)."""
+    return torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in starts]).astype(np.int64))
+
+
 class Batches:
     """This rank's micro-batches of each step, sampled from a memmap and prefetched by a thread.
 
@@ -162,8 +167,7 @@ class Batches:
         b = self.c.batch_size
         starts = torch.randint(len(self.tokens) - self.t, (self.c.grad_accum * b,), generator=g)
         starts = starts[self.first * b:(self.first + self.local) * b].numpy()
-        rows = np.stack([self.tokens[s:s + self.t + 1] for s in starts]).astype(np.int64)
-        both = torch.from_numpy(rows).view(self.local, b, self.t + 1)
+        both = windows(self.tokens, starts, self.t).view(self.local, b, self.t + 1)
         x, y = both[..., :-1].contiguous(), both[..., 1:].contiguous()
         # Pinned (page-locked) and contiguous, so the copy to the GPU is a true asynchronous DMA.
         return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
@@ -205,13 +209,13 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
         return Path(c.data[0])
     target = Path(c.out) / "data"
     if rank == 0:
-        if not c.data:
-            target = data.default_data_dir()
-        else:
+        if c.data:
             _prepare_inputs(c, target)
+        else:
+            data.default_data_dir()
     if world > 1:
         dist.barrier()
-    return data.default_data_dir() if not c.data else target
+    return target if c.data else data.default_data_dir()  # prepared by now: a lookup
 
 
 def _prepare_inputs(c: TrainConfig, target: Path) -> None:
@@ -385,7 +389,7 @@ def train(config: TrainConfig) -> dict:
                 starts = torch.randint(len(val_tokens) - mc.block_size, (c.batch_size,), generator=g).numpy()
                 if i % world != rank:
                     continue
-                rows = torch.from_numpy(np.stack([val_tokens[s:s + mc.block_size + 1] for s in starts]).astype(np.int64))
+                rows = windows(val_tokens, starts, mc.block_size)
                 with autocast:
                     total += raw(rows[:, :-1].to(device), rows[:, 1:].to(device))[1].double()
         if world > 1:
@@ -468,8 +472,7 @@ def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfi
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         if isinstance(exc, checkpoint.CheckpointError):
             raise
-        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run ({type(exc).__name__}: "
-                                         f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+        raise checkpoint.CheckpointError(f"checkpoint {path} does not fit this run ({checkpoint.describe(exc)})") from None
     if step >= c.steps:
         raise TrainError(f"--resume: checkpoint {path} is at step {step}, already at --steps ({c.steps}); raise --steps")
     saved_train = state["config"].get("train", {})
