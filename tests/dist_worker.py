@@ -196,8 +196,57 @@ def grads(rank, world, opts):
     return result
 
 
+class Layouts(nn.Module):
+    """Parameters that are dense but not contiguous: a channels_last conv weight, a transposed matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Parameter(torch.randn(5, 4).t())  # (4, 5) with strides (1, 4)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.conv(x)).mean((2, 3)) @ self.proj)
+
+
+def layouts(rank, world, opts):
+    """Three SGD steps (zero_grad in place, to None, then a gradient set by hand in the contiguous
+    layout) against one process on the global batch; gradients keep their parameter's strides."""
+    def build(seed=0):
+        torch.manual_seed(seed)
+        return Layouts().to(memory_format=torch.channels_last)
+
+    def batch(step):
+        gen = torch.Generator().manual_seed(200 + step)
+        x = torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+        return x, torch.randn(GLOBAL_BATCH, 2, generator=gen)
+
+    model, ref = build(0 if rank == 0 else 5 + rank), build()  # the broadcast must bring rank 0's weights
+    dp = DataParallel(model, **opts)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    result = {"err": 0.0, "strides": [], "views": []}
+    for step in range(3):
+        x, y = batch(step)
+        if step == 2:
+            model.conv.weight.grad = torch.zeros(model.conv.weight.shape)  # contiguous: not the weight's layout
+        nn.functional.mse_loss(dp(shard(x, rank, world)), shard(y, rank, world)).backward()
+        nn.functional.mse_loss(ref(x), y).backward()
+        result["err"] = max(result["err"], *(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(),
+                                                                                     ref.parameters())))
+        result["strides"].append(all(p.grad.stride() == p.stride() for p in model.parameters()))
+        buffers = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in dp._buffers]
+        result["views"].append(all(any(lo <= p.grad.data_ptr() < hi for lo, hi in buffers)
+                                   for p in model.parameters()))
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=step == 0)
+        ref_opt.zero_grad()
+    return result
+
+
 SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
-             "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward}
+             "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
+             "layouts": layouts}
 
 
 def main():

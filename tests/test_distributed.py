@@ -80,6 +80,18 @@ def test_compressed_buckets_stay_close_to_fp32(tmp_path, compress):
     assert results[0]["dtypes"] == ["torch.float32"]  # gradients come back in the parameters' dtype
 
 
+@pytest.mark.parametrize("dp", [{}, {"gradient_as_bucket_view": False}, {"compress": "bf16"}])
+def test_channels_last_and_transposed_parameters_keep_their_gradient_layout(tmp_path, dp):
+    """Gradients are bucket views with the parameter's strides (as autograd lays them out), also after
+    zero_grad(set_to_none=True) and after a gradient set by hand in another layout."""
+    for r in run_ranks("layouts", 2, tmp_path, **dp):
+        assert r["err"] <= (1e-2 if dp.get("compress") else 1e-5), r["err"]
+        if dp.get("gradient_as_bucket_view", True):
+            assert r["strides"] == [True, True, True] and r["views"] == [True, True, True]
+        else:  # the gradients stay autograd's own tensors
+            assert r["strides"][:2] == [True, True] and r["views"] == [False, False, False]
+
+
 def test_double_backward_is_refused_on_every_rank(tmp_path):
     for r in run_ranks("double_backward", 2, tmp_path):
         assert "create_graph=True" in r["error"] and "not supported" in r["error"]

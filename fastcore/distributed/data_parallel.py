@@ -47,6 +47,27 @@ def init_from_env(timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int,
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a block of memory exactly once: contiguous up to an order of its dims."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(t: Tensor, view: Tensor) -> bool:
+    return _dense(t) and all(st == vs for sz, st, vs in zip(t.shape, t.stride(), view.stride()) if sz != 1)
+
+
+def _memory(t: Tensor, view: Tensor) -> Tensor:
+    """``t``'s elements as a 1-D tensor in the memory order of ``view`` (a bucket view of its shape)."""
+    if not _same_layout(t, view):  # a gradient set by hand in another layout than the parameter's
+        t = torch.empty_like(view, dtype=t.dtype).copy_(t)
+    return t.as_strided((t.numel(),), (1,))
+
+
 class _Sink(torch.autograd.Function):
     """Identity on the forward outputs. Its backward runs first in the outer backward pass, so that
     is where a reduction starts and its end-of-backward callback is queued, also when activation
@@ -134,7 +155,10 @@ class DataParallel(nn.Module):
             for i, offset in zip(bucket.params, bucket.offsets):
                 self._bucket_of[i] = b
                 p = self._params[i]
-                self._views[i] = buffer[offset:offset + p.numel()].view_as(p)
+                flat = buffer[offset:offset + p.numel()]
+                # The parameter's own layout (channels_last, a transposed weight) when it is dense, as
+                # autograd lays out its gradients; so gradients accumulate into the view in place.
+                self._views[i] = flat.as_strided(p.shape, p.stride()) if _dense(p) else flat.view_as(p)
         if self.gradient_as_bucket_view:  # existing gradients move into the new views; None stays None
             with torch.no_grad():
                 for p, view in zip(self._params, self._views):
@@ -185,19 +209,25 @@ class DataParallel(nn.Module):
         params = [self._params[i] for i in bucket.params]
         views = [self._views[i] for i in bucket.params]
         scale = 1.0 / self.world_size
+        slices = self._slices(wire, b)
         if wire is buffer:
-            # Gradients that are not views yet come in by one fused copy; then one scale of the bucket.
-            stray = [(p, v) for p, v in zip(params, views) if p.grad.data_ptr() != v.data_ptr()]
-            if stray:
-                pack([p.grad for p, _ in stray], [v for _, v in stray])
+            # Gradients that are not views (after zero_grad(set_to_none=True)) are copied in and scaled
+            # in one fused pass, the views scaled in place: one read of each gradient either way.
+            stray = [k for k, (p, v) in enumerate(zip(params, views)) if p.grad.data_ptr() != v.data_ptr()]
+            if not stray:
+                buffer.mul_(scale)
+            else:
+                pack([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray], scale)
+                copied = set(stray)
+                in_place = [s for k, s in enumerate(slices) if k not in copied]
+                if in_place:
+                    torch._foreach_mul_(in_place, scale)
                 if self.gradient_as_bucket_view:
-                    for p, v in stray:
-                        p.grad = v
-            buffer.mul_(scale)
+                    for k in stray:
+                        params[k].grad = views[k]
         else:
-            # Compressing: scale and narrow every gradient into the wire buffer in one launch.
-            flat = [wire[o:o + p.numel()] for p, o in zip(params, bucket.offsets)]
-            pack([p.grad for p in params], flat, scale)
+            # Compressing: every gradient scaled and narrowed into the wire buffer in one launch.
+            pack([_memory(p.grad, v) for p, v in zip(params, views)], slices, scale)
         start = time.perf_counter()
         work = dist.all_reduce(wire, group=self.process_group, async_op=True)
         # Completion is polled from the hooks (a Python callback on the future, run in gloo's thread,
@@ -246,17 +276,22 @@ class DataParallel(nn.Module):
         """The reduced bucket into the gradients: views are already there unless compressing."""
         bucket, wire = self._buckets[b], self._wire[b]
         params = [self._params[i] for i in bucket.params]
-        srcs = [wire[o:o + p.numel()] for p, o in zip(params, bucket.offsets)]
-        dsts = [p.grad for p in params]
-        if self.gradient_as_bucket_view and wire is not self._buffers[b]:
-            dsts = [self._views[i] for i in bucket.params]
-            for p, v in zip(params, dsts):
+        views = [self._views[i] for i in bucket.params]
+        if self.gradient_as_bucket_view:
+            for p, v in zip(params, views):
                 p.grad = v
-        dense = [k for k, d in enumerate(dsts) if d.is_contiguous()]
-        pack([srcs[k] for k in dense], [dsts[k] for k in dense])
-        for k, d in enumerate(dsts):
-            if not d.is_contiguous():  # e.g. a channels_last gradient
-                d.copy_(srcs[k].view(d.shape))
+        grads = [p.grad for p in params]
+        same = [k for k, (g, v) in enumerate(zip(grads, views)) if _same_layout(g, v)]
+        other = set(range(len(grads))) - set(same)
+        srcs = self._slices(wire, b)
+        pack([srcs[k] for k in same], [_memory(grads[k], views[k]) for k in same])
+        for k in sorted(other):  # a gradient set by hand in another layout than its parameter's
+            grads[k].copy_(srcs[k].as_strided(views[k].shape, views[k].stride()))
+
+    def _slices(self, flat: Tensor, b: int) -> list[Tensor]:
+        """Bucket ``b``'s parameters as 1-D slices of ``flat`` (its buffer or its wire buffer)."""
+        bucket = self._buckets[b]
+        return [flat[o:o + self._params[i].numel()] for i, o in zip(bucket.params, bucket.offsets)]
 
     def _record_stats(self, t_end: float) -> None:
         comm = overlap = 0.0
