@@ -7,6 +7,8 @@ Two gloo ranks on CPU: this process is rank 0 and times the steps; a follower pr
 the same step for each one, on a command broadcast by rank 0 (both providers pay that broadcast).
 Each rank has one thread. A step is forward + backward + the gradient all-reduce of a ~10M-parameter
 MLP; ``stats`` of the last fastcore step give the overlap of communication with the backward pass.
+Two cases: gradients zeroed in place (they stay bucket views, nothing is copied) and set to None
+(``zero_grad()``'s default: each fresh gradient is copied into its bucket, scaled on the way).
 The floor is the all-reduce itself: 2 ranks move ~40 MB of fp32 gradients through gloo per step.
 """
 from __future__ import annotations
@@ -22,12 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastcore.bench.harness import Benchmark, Case, register
+from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, register
 
 WORLD = 2
 WIDTH, DEPTH, BATCH = 1152, 2, 16  # 2 blocks of 1152 -> 2304 -> 1152: 10.6M parameters
 PROVIDERS = ("fastcore-cpu", "torch")
 _STOP, _SETUP, _STEP = 0, 1, 2
+TO_NONE = "zero_grad to None"
 # The harness visits this benchmark once per pass, with every other benchmark in between: the follower
 # waits that long for its next command.
 TIMEOUT = timedelta(hours=2)
@@ -50,10 +53,12 @@ def wrap(provider: str, module: nn.Module) -> nn.Module:
     return DataParallel(module, bucket_cap_mb=25, first_bucket_mb=1)
 
 
-def _train_step(net: nn.Module, x: torch.Tensor):
-    """One forward and backward; gradients are reset in place so the buckets stay views."""
+def _train_step(net: nn.Module, x: torch.Tensor, to_none: bool):
+    """One forward and backward, after gradients are zeroed in place or set to None."""
     for p in net.parameters():
-        if p.grad is not None:
+        if to_none:
+            p.grad = None
+        elif p.grad is not None:
             p.grad.zero_()
     net(x).square().mean().backward()
 
@@ -71,8 +76,8 @@ class _Group:
                                 timeout=TIMEOUT)
         self.nets: dict = {}
 
-    def command(self, op: int, provider: int = 0) -> None:
-        dist.broadcast(torch.tensor([op, provider]), 0)
+    def command(self, op: int, provider: int = 0, to_none: bool = False) -> None:
+        dist.broadcast(torch.tensor([op, provider, int(to_none)]), 0)
 
     def close(self) -> None:
         try:
@@ -103,15 +108,15 @@ def setup(make: functools.partial, case: Case, device: str):
     provider = make.args[0]
     if _group is None:
         _group = _Group()
-    index = PROVIDERS.index(provider)
+    index, to_none = PROVIDERS.index(provider), case.tag.endswith(TO_NONE)
     _group.command(_SETUP, index)
     net = _group.nets[provider] = make(model())
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(1))
 
     @_single_threaded
     def step():
-        _group.command(_STEP, index)
-        _train_step(net, x)
+        _group.command(_STEP, index, to_none)
+        _train_step(net, x, to_none)
     step.extras = lambda: _overlap(net)
     return step
 
@@ -129,26 +134,28 @@ def providers(device: str) -> dict:
 
 
 def cases(device: str, quick: bool) -> list[Case]:
-    return [] if quick else [Case((WORLD, sum(p.numel() for p in model().parameters())), torch.float32, "step",
-                                  size=WIDTH, tag="gloo mlp")]
+    shape = (WORLD, sum(p.numel() for p in model().parameters()))
+    return [] if quick else [Case(shape, torch.float32, "step", size=WIDTH, tag=tag)
+                             for tag in ("gloo mlp", f"gloo mlp, {TO_NONE}")]
 
 
 def _follower(port: int) -> None:
+    keep_freed_memory_in_the_heap()  # as the harness does in rank 0
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=WORLD,
                             timeout=TIMEOUT)
     nets = {}
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(2))
     while True:
-        cmd = torch.zeros(2, dtype=torch.int64)
+        cmd = torch.zeros(3, dtype=torch.int64)
         dist.broadcast(cmd, 0)
-        op, provider = int(cmd[0]), PROVIDERS[int(cmd[1])]
+        op, provider, to_none = int(cmd[0]), PROVIDERS[int(cmd[1])], bool(cmd[2])
         if op == _STOP:
             break
         if op == _SETUP:
             nets[provider] = wrap(provider, model())
         else:
-            _train_step(nets[provider], x)
+            _train_step(nets[provider], x, to_none)
     dist.destroy_process_group()
 
 
