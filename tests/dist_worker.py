@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import nn
 
-from fastcore.distributed import DataParallel
+from fastcore.distributed import DataParallel, data_parallel
 
 GLOBAL_BATCH = 12  # divides by 2 and 3 ranks
 
@@ -252,6 +252,8 @@ SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get
 def main():
     scenario, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     opts = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    if "eager_copy_bytes" in opts:  # so that the tests' small gradients take the large ones' path
+        data_parallel._EAGER_COPY_BYTES = opts.pop("eager_copy_bytes")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=20))

@@ -47,9 +47,12 @@ def run_ranks(scenario: str, world: int, tmp_path, **opts) -> list:
     (2, {"bucket_cap_mb": 0.0005, "first_bucket_mb": 0.0002}),     # many tiny buckets
     (2, {"bucket_cap_mb": 100, "first_bucket_mb": 100}),           # a single bucket
     (2, {"gradient_as_bucket_view": False, "bucket_cap_mb": 0.001}),
+    (2, {"bucket_cap_mb": 0.001, "eager_copy_bytes": 0}),          # every fresh gradient copied from its hook
 ])
 def test_parity_with_one_process_on_the_global_batch(tmp_path, world, dp):
-    results = run_ranks("parity", world, tmp_path, dp=dp)
+    dp = dict(dp)
+    eager = {"eager_copy_bytes": dp.pop("eager_copy_bytes")} if "eager_copy_bytes" in dp else {}
+    results = run_ranks("parity", world, tmp_path, dp=dp, **eager)
     assert results[0]["err"] <= 1e-5, results[0]["err"]
     for r in results:
         assert r["buckets"] == results[0]["buckets"]  # the rebuilt layout is rank 0's everywhere
@@ -80,7 +83,7 @@ def test_compressed_buckets_stay_close_to_fp32(tmp_path, compress):
     assert results[0]["dtypes"] == ["torch.float32"]  # gradients come back in the parameters' dtype
 
 
-@pytest.mark.parametrize("dp", [{}, {"gradient_as_bucket_view": False}, {"compress": "bf16"}])
+@pytest.mark.parametrize("dp", [{}, {"eager_copy_bytes": 0}, {"gradient_as_bucket_view": False}, {"compress": "bf16"}])
 def test_channels_last_and_transposed_parameters_keep_their_gradient_layout(tmp_path, dp):
     """Gradients are bucket views with the parameter's strides (as autograd lays them out), also after
     zero_grad(set_to_none=True) and after a gradient set by hand in another layout."""

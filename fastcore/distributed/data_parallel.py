@@ -24,6 +24,7 @@ from fastcore.distributed.buckets import Bucket, assign_buckets
 from fastcore.ops.pack import pack
 
 _COMPRESS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_EAGER_COPY_BYTES = 1 << 20  # a copy this large costs far more than its own launch
 
 
 def init_from_env(timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int, torch.device]:
@@ -181,6 +182,14 @@ class DataParallel(nn.Module):
         self._order_seen.append(i)
         self._poll()
         b = self._bucket_of[i]
+        p, view = self._params[i], self._views[i]
+        if (self.gradient_as_bucket_view and self._wire[b] is self._buffers[b] and p.grad.data_ptr() != view.data_ptr()
+                and p.grad.numel() * p.grad.element_size() >= _EAGER_COPY_BYTES):
+            # A large gradient that is not a view (after zero_grad(set_to_none=True)) goes into its bucket
+            # now, scaled, so that autograd's tensor is freed at once instead of when the bucket fills.
+            pack([_memory(p.grad, view)], [_memory(view, view)], 1.0 / self.world_size)
+            p.grad = view
+            self._scaled[i] = True
         self._pending[b] -= 1
         if self._pending[b] == 0:
             self._launch_ready()
@@ -191,6 +200,7 @@ class DataParallel(nn.Module):
                                "run it on the wrapped module under no_sync() and reduce the gradients yourself")
         self._in_backward = True
         self._ready = [False] * len(self._params)
+        self._scaled = [False] * len(self._params)
         self._order_seen: list[int] = []
         self._pending = [len(b.params) for b in self._buckets]
         self._next = 0
@@ -211,15 +221,16 @@ class DataParallel(nn.Module):
         scale = 1.0 / self.world_size
         slices = self._slices(wire, b)
         if wire is buffer:
-            # Gradients that are not views (after zero_grad(set_to_none=True)) are copied in and scaled
-            # in one fused pass, the views scaled in place: one read of each gradient either way.
+            # The small gradients that are not views are copied in and scaled in one fused launch, the
+            # views scaled in place (the large ones came in scaled from their hook): one read of each.
             stray = [k for k, (p, v) in enumerate(zip(params, views)) if p.grad.data_ptr() != v.data_ptr()]
-            if not stray:
+            done = set(stray) | {k for k, i in enumerate(bucket.params) if self._scaled[i]}
+            if not done:
                 buffer.mul_(scale)
             else:
-                pack([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray], scale)
-                copied = set(stray)
-                in_place = [s for k, s in enumerate(slices) if k not in copied]
+                if stray:
+                    pack([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray], scale)
+                in_place = [s for k, s in enumerate(slices) if k not in done]
                 if in_place:
                     torch._foreach_mul_(in_place, scale)
                 if self.gradient_as_bucket_view:
