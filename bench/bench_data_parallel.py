@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, register
+from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, park_openmp_workers, register
 
 WORLD = 2
 WIDTH, DEPTH, BATCH = 1152, 2, 16  # 2 blocks of 1152 -> 2304 -> 1152: 10.6M parameters
@@ -70,7 +71,8 @@ class _Group:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.follower = subprocess.Popen([sys.executable, "-m", "fastcore.bench.bench_data_parallel", str(port)])
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")  # one thread, none spinning
+        self.follower = subprocess.Popen([sys.executable, "-m", "fastcore.bench.bench_data_parallel", str(port)], env=env)
         atexit.register(self.close)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=WORLD,
                                 timeout=TIMEOUT)
@@ -96,6 +98,7 @@ def _single_threaded(fn):
     def run(*args):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        park_openmp_workers()  # a spinning worker of this process would take the follower's core
         try:
             return fn(*args)
         finally:

@@ -275,6 +275,16 @@ def keep_freed_memory_in_the_heap() -> None:
         libc.mallopt(-1, (1 << 31) - 1)    # M_TRIM_THRESHOLD
 
 
+def park_openmp_workers() -> None:
+    """Stop this process's idle OpenMP workers until its next parallel region.
+
+    Under OMP_WAIT_POLICY=ACTIVE (set by ``fastcore bench``) they spin on a core each even when the
+    process runs single-threaded, which a benchmark of several processes sharing the cores cannot afford.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft; libgomp as torch loaded it
+
+
 # ---------------------------------------------------------------- running
 @dataclass
 class Run:

@@ -276,6 +276,18 @@ def test_peak_memory_counts_transients():
     assert harness.peak_memory(step, "cpu") == 8000
 
 
+def test_parked_openmp_workers_stop_spinning():
+    """Under OMP_WAIT_POLICY=ACTIVE an idle worker takes a whole core; parked, it takes none."""
+    code = ("import time, torch; from fastcore.bench import harness\n"
+            "torch.set_num_threads(2); a = torch.randn(512, 512); a @ a\n"
+            "def idle():\n    t = time.process_time(); time.sleep(0.5); return time.process_time() - t\n"
+            "spinning = idle(); harness.park_openmp_workers(); print(spinning, idle())")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE"),
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    spinning, parked = map(float, out.split())
+    assert spinning > 0.3 and parked < 0.1, (spinning, parked)
+
+
 def test_device_slug():
     assert harness.device_slug("cpu", "AMD EPYC", 2) == "cpu-amd-epyc-2core"
     assert harness.device_slug("cpu", "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", 8) == \
