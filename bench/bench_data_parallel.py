@@ -10,6 +10,11 @@ MLP; ``stats`` of the last fastcore step give the overlap of communication with 
 Two cases: gradients zeroed in place (they stay bucket views, nothing is copied) and set to None
 (``zero_grad()``'s default: each fresh gradient is copied into its bucket, scaled on the way).
 The floor is the all-reduce itself: 2 ranks move ~40 MB of fp32 gradients through gloo per step.
+
+    fastcore bench data_parallel_overhead
+
+World size 1: the trainer's step alone, wrapped in DataParallel, and wrapped in DDP (gloo on CPU, NCCL
+on a GPU), on bench_train's case. Speedups are over the plain step, so 1/speedup - 1 is the overhead.
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastcore.distributed import DataParallel
+
+from fastcore.bench import bench_train
 from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, park_openmp_workers, register
 
 WORLD = 2
@@ -49,8 +57,6 @@ def wrap(provider: str, module: nn.Module) -> nn.Module:
     if provider == "torch":
         # Views too, as fastcore does: DDP's default (False) copies each gradient and runs slower.
         return nn.parallel.DistributedDataParallel(module, bucket_cap_mb=25, gradient_as_bucket_view=True)
-    from fastcore.distributed import DataParallel
-
     return DataParallel(module, bucket_cap_mb=25, first_bucket_mb=1)
 
 
@@ -68,14 +74,13 @@ class _Group:
     """Rank 0 of a 2-rank gloo group, with the follower process as rank 1."""
 
     def __init__(self):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")  # one thread, none spinning
         self.follower = subprocess.Popen([sys.executable, "-m", "fastcore.bench.bench_data_parallel", str(port)], env=env)
         atexit.register(self.close)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=WORLD,
                                 timeout=TIMEOUT)
+        self.solo = dist.new_group([0])  # every rank creates it; only rank 0 uses it (world size 1)
         self.nets: dict = {}
 
     def command(self, op: int, provider: int = 0, to_none: bool = False) -> None:
@@ -92,6 +97,12 @@ class _Group:
 
 
 _group: _Group | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _single_threaded(fn):
@@ -147,6 +158,7 @@ def _follower(port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=WORLD,
                             timeout=TIMEOUT)
+    dist.new_group([0])  # rank 0's world-size-1 group: creating it takes every rank
     nets = {}
     x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(2))
     while True:
@@ -165,6 +177,45 @@ def _follower(port: int) -> None:
 register(Benchmark(op="data_parallel", providers=providers, cases=cases, setup=setup,
                    work=lambda case: ("bytes", 4 * case.shape[1]), size_name="hidden width (2 gloo ranks)",
                    baseline="torch"))
+
+
+# ---------------------------------------------------------------- world size 1: what the wrapper costs
+# The trainer's step (bench_train's: fastcore kernels, clipping, AdamW, zero_grad to None) on its own,
+# wrapped in DataParallel and wrapped in DDP, each over a process group of this process alone: gloo
+# on CPU, NCCL on a GPU. The target is an overhead of at most 2% of a GPT-2-small step on one GPU.
+OVERHEAD = ("plain", "fastcore-DataParallel", "torch-DDP")
+
+
+def _solo_group(device: str):
+    global _group
+    if device == "cpu":
+        if _group is None:
+            _group = _Group()
+        return _group.solo
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=TIMEOUT)
+    return dist.group.WORLD
+
+
+def _wrapped_train_step(provider: str, case: Case, device: str):
+    step = bench_train.TrainStep("fastcore", False, case, device)
+    if provider != "plain":
+        group = _solo_group(device)
+        step.model = (DataParallel(step.raw, process_group=group) if provider.startswith("fastcore") else
+                      nn.parallel.DistributedDataParallel(step.raw, process_group=group, bucket_cap_mb=25,
+                                                          gradient_as_bucket_view=True))
+    return step
+
+
+def overhead_providers(device: str) -> dict:
+    reason = bench_train._why_no_fastcore(device)
+    return {name: reason or functools.partial(_wrapped_train_step, name) for name in OVERHEAD}
+
+
+register(Benchmark(op="data_parallel_overhead", providers=overhead_providers, cases=bench_train.cases,
+                   setup=lambda make, case, device: make(case, device), work=bench_train.work,
+                   size_name="tokens per step (world size 1)", baseline="plain"))
 
 if __name__ == "__main__":
     _follower(int(sys.argv[1]))

@@ -4,7 +4,7 @@
 #   bench/gpu_session.sh                 # every stage, in order
 #   bench/gpu_session.sh tests           # one stage per call, to fit a per-call time limit:
 #   bench/gpu_session.sh bench layer_norm rms_norm attention
-#   bench/gpu_session.sh bench adamw data_parallel
+#   bench/gpu_session.sh bench adamw data_parallel_overhead
 #   bench/gpu_session.sh bench train patch
 #   bench/gpu_session.sh train
 #

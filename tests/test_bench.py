@@ -190,6 +190,37 @@ def test_train_flops_by_hand_and_a_step_of_each_model():
     assert losses["torch"][2] < losses["torch"][0]
 
 
+def test_data_parallel_overhead_at_world_size_one_trains_as_the_plain_step():
+    """In a subprocess (it joins a process group): the trainer's step plain, in DataParallel and in DDP,
+    on the tiny preset; at world size 1 the three train alike, and the harness gives the rows."""
+    code = """if True:
+        import json
+        from fastcore.bench import bench_data_parallel as b, bench_train, harness
+        bench_train.CASES["cpu"] = ("tiny", 2)
+        makes = b.overhead_providers("cpu")
+        if any(isinstance(m, str) for m in makes.values()):
+            print(json.dumps({"skip": next(m for m in makes.values() if isinstance(m, str))}))
+            raise SystemExit
+        case, = bench_train.cases("cpu", False)
+        losses = {}
+        for name in b.OVERHEAD:
+            step = makes[name](case, "cpu")
+            losses[name] = [step().item() for _ in range(3)]
+        run = harness.run(["data_parallel_overhead"], repeats=harness.MIN_REPEATS)
+        print(json.dumps({"losses": losses, "rows": [[r["provider"], r.get("speedup_over")] for r in run.rows]}))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    plain = result["losses"]["plain"]
+    assert plain[2] < plain[0]
+    for name in ("fastcore-DataParallel", "torch-DDP"):  # the average over one rank is the gradient itself
+        assert result["losses"][name] == pytest.approx(plain, rel=1e-6), name
+    assert sorted(result["rows"]) == [["fastcore-DataParallel", "plain"], ["plain", None], ["torch-DDP", None]]
+
+
 def test_copy_bandwidth_is_plausible():
     assert 0.5 < harness.copy_bandwidth("cpu") < 2000  # GB/s: any CPU from a laptop to a large server
 
