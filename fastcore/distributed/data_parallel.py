@@ -92,9 +92,11 @@ class DataParallel(nn.Module):
     - Buckets: up to ``bucket_cap_mb`` each (the first ``first_bucket_mb``), per (dtype, device),
       in reverse parameter order at first, rebuilt once after the first iteration in the order
       autograd produced the gradients (rank 0's order, broadcast).
-    - ``gradient_as_bucket_view``: gradients are views into the buckets, so no copy is made. A
-      gradient that is not a view (after ``zero_grad(set_to_none=True)``) is copied in, with the
-      other such gradients of its bucket, in one fused launch.
+    - ``gradient_as_bucket_view``: gradients are views into the buckets, with the strides of a dense
+      parameter (channels_last, transposed), so no copy is made. A gradient that is not a view
+      (after ``zero_grad(set_to_none=True)``) is copied in and scaled: from its own hook when it
+      has 1 MiB or more, so autograd's tensor is freed at once, otherwise with the other small
+      ones of its bucket in one fused launch.
     - ``compress="bf16"`` or ``"fp16"`` sends each bucket in half precision, divided by the world
       size before sending so that the sum cannot overflow, then widens the result.
     - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``,
@@ -187,7 +189,8 @@ class DataParallel(nn.Module):
                 and p.grad.numel() * p.grad.element_size() >= _EAGER_COPY_BYTES):
             # A large gradient that is not a view (after zero_grad(set_to_none=True)) goes into its bucket
             # now, scaled, so that autograd's tensor is freed at once instead of when the bucket fills.
-            pack([_memory(p.grad, view)], [_memory(view, view)], 1.0 / self.world_size)
+            # One tensor gains nothing from pack's launch table: ATen's multiply is the one launch.
+            torch.mul(_memory(p.grad, view), 1.0 / self.world_size, out=_memory(view, view))
             p.grad = view
             self._scaled[i] = True
         self._pending[b] -= 1
