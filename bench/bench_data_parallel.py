@@ -195,6 +195,10 @@ def _solo_group(device: str):
     if not dist.is_initialized():
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                                 timeout=TIMEOUT)
+        atexit.register(dist.destroy_process_group)
+    if dist.get_world_size() != 1:
+        raise RuntimeError(f"data_parallel_overhead measures world size 1; this process is one of "
+                           f"{dist.get_world_size()} ranks (run it without torchrun)")
     return dist.group.WORLD
 
 

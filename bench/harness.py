@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import functools
 import importlib
 import os
 import platform
@@ -282,7 +283,18 @@ def park_openmp_workers() -> None:
     process runs single-threaded, which a benchmark of several processes sharing the cores cannot afford.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft; libgomp as torch loaded it
+        ctypes.CDLL(_loaded_libgomp()).omp_pause_resource_all(1)  # omp_pause_soft
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_libgomp() -> str:
+    """The libgomp torch loaded (wheels may ship it under a hashed name), else the system's."""
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libgomp"):
+                return path
+    return "libgomp.so.1"
 
 
 # ---------------------------------------------------------------- running

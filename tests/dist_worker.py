@@ -210,8 +210,9 @@ class Layouts(nn.Module):
 
 
 def layouts(rank, world, opts):
-    """Three SGD steps (zero_grad in place, to None, then a gradient set by hand in the contiguous
-    layout) against one process on the global batch; gradients keep their parameter's strides."""
+    """Three SGD steps against one process on the global batch: fresh gradients, gradients set to
+    None, then zeroed in place with one set by hand in the contiguous layout. Gradients keep their
+    parameter's strides; ``eager`` counts those copied into their bucket from their own hook."""
     def build(seed=0):
         torch.manual_seed(seed)
         return Layouts().to(memory_format=torch.channels_last)
@@ -224,12 +225,14 @@ def layouts(rank, world, opts):
     model, ref = build(0 if rank == 0 else 5 + rank), build()  # the broadcast must bring rank 0's weights
     dp = DataParallel(model, **opts)
     opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
-    result = {"err": 0.0, "strides": [], "views": []}
+    result = {"err": 0.0, "strides": [], "views": [], "eager": []}
     for step in range(3):
         x, y = batch(step)
-        if step == 2:
-            model.conv.weight.grad = torch.zeros(model.conv.weight.shape)  # contiguous: not the weight's layout
+        if step == 2:  # the same on every rank, so the average keeps it whole
+            by_hand = torch.randn(model.conv.weight.shape, generator=torch.Generator().manual_seed(3))
+            model.conv.weight.grad, ref.conv.weight.grad = by_hand, by_hand.clone()  # contiguous: not the weight's layout
         nn.functional.mse_loss(dp(shard(x, rank, world)), shard(y, rank, world)).backward()
+        result["eager"].append(sum(dp._scaled))
         nn.functional.mse_loss(ref(x), y).backward()
         result["err"] = max(result["err"], *(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(),
                                                                                      ref.parameters())))
@@ -244,9 +247,21 @@ def layouts(rank, world, opts):
     return result
 
 
+def mismatch(rank, world, opts):
+    """Rank 1 builds the model in another memory format: every rank refuses it, before any broadcast."""
+    model = Layouts()
+    if rank == 0:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        DataParallel(model)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
 SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
-             "layouts": layouts}
+             "layouts": layouts, "mismatch": mismatch}
 
 
 def main():

@@ -83,16 +83,28 @@ def test_compressed_buckets_stay_close_to_fp32(tmp_path, compress):
     assert results[0]["dtypes"] == ["torch.float32"]  # gradients come back in the parameters' dtype
 
 
-@pytest.mark.parametrize("dp", [{}, {"eager_copy_bytes": 0}, {"gradient_as_bucket_view": False}, {"compress": "bf16"}])
-def test_channels_last_and_transposed_parameters_keep_their_gradient_layout(tmp_path, dp):
+@pytest.mark.parametrize("dp,eager", [
+    ({}, [0, 0, 0]),                               # every gradient under 1 MiB: one fused copy per bucket
+    ({"eager_copy_bytes": 0}, [5, 5, 1]),          # each from its own hook (step 2: only the one set by hand)
+    ({"eager_copy_bytes": 200}, [1, 1, 1]),        # the conv weight (432 bytes) alone: both paths in one bucket
+    ({"gradient_as_bucket_view": False}, [0, 0, 0]),
+    ({"compress": "bf16"}, [0, 0, 0]),
+])
+def test_channels_last_and_transposed_parameters_keep_their_gradient_layout(tmp_path, dp, eager):
     """Gradients are bucket views with the parameter's strides (as autograd lays them out), also after
     zero_grad(set_to_none=True) and after a gradient set by hand in another layout."""
     for r in run_ranks("layouts", 2, tmp_path, **dp):
         assert r["err"] <= (1e-2 if dp.get("compress") else 1e-5), r["err"]
+        assert r["eager"] == eager
         if dp.get("gradient_as_bucket_view", True):
             assert r["strides"] == [True, True, True] and r["views"] == [True, True, True]
         else:  # the gradients stay autograd's own tensors
             assert r["strides"][:2] == [True, True] and r["views"] == [False, False, False]
+
+
+def test_parameters_in_another_memory_format_on_one_rank_are_refused_on_every_rank(tmp_path):
+    for r in run_ranks("mismatch", 2, tmp_path):
+        assert "differs between ranks" in r["error"] and "conv.weight" in r["error"] and "rank 1" in r["error"]
 
 
 def test_double_backward_is_refused_on_every_rank(tmp_path):

@@ -134,6 +134,7 @@ class DataParallel(nn.Module):
         devices = {t.device for t in [*module.parameters(), *module.buffers()]}
         if len(devices) > 1:
             raise ValueError(f"DataParallel: the module's tensors must be on one device, got {sorted(map(str, devices))}")
+        self._check_ranks_agree(module)
         with torch.no_grad():  # every parameter, frozen ones too, and every buffer: rank 0's values
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t, self._src, group=self.process_group)
@@ -144,6 +145,27 @@ class DataParallel(nn.Module):
         self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i))
                          for i, p in enumerate(self._params)]
         self.stats: dict = {}
+
+    def _check_ranks_agree(self, module: nn.Module) -> None:
+        """Every rank must hold the same parameters and buffers, in the same memory layout, because the
+        broadcast and the buckets move memory. Each rank compares every rank's list with rank 0's, so
+        all of them raise together and none is left waiting in a collective."""
+        def entry(name, t):
+            strides = tuple(st if size != 1 else None for size, st in zip(t.shape, t.stride()))
+            return name, tuple(t.shape), strides, str(t.dtype), t.requires_grad
+
+        mine = [entry(*nt) for nt in [*module.named_parameters(), *module.named_buffers()]]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        for rank, theirs in enumerate(everyone):
+            if theirs == everyone[0]:
+                continue
+            first = everyone[0]
+            k = next((k for k, (a, b) in enumerate(zip(theirs, first)) if a != b), min(len(theirs), len(first)))
+            got, want = (t[k] if k < len(t) else "nothing" for t in (theirs, first))
+            raise ValueError(f"DataParallel: the module differs between ranks: tensor {k} (name, shape, strides, dtype, "
+                             f"requires_grad) is {got} on rank {rank} but {want} on rank 0; build the same "
+                             "module, in the same memory format, on every rank")
 
     # ------------------------------------------------------------ buckets
     def _build(self, order: list[int]) -> None:
