@@ -271,6 +271,9 @@ def test_torchrun_two_gloo_ranks_match_one_rank(corpus, tmp_path):
     assert len(s2) == 5 and len(e2) == 1                          # rank 0 alone logs
     for a, b in zip(s1, s2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        # DataParallel's figures of the step's reducing backward; one process logs none.
+        assert b["dp_buckets"] >= 1 and b["dp_comm_ms"] > 0 and b["dp_backward_ms"] > 0 and 0 <= b["dp_overlap"] <= 1
+        assert "dp_overlap" not in a
     assert e2[0]["val_loss"] == pytest.approx(e1[0]["val_loss"], rel=1e-5)
     p1, p2 = (without_key_bias(checkpoint.load(checkpoint.resolve(tmp_path / d))["model"], "attn.qkv.bias")
               for d in ("one", "two"))

@@ -430,7 +430,7 @@ def train(config: TrainConfig) -> dict:
             done = step + 1
             if main:
                 log.write({"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": rate, "mfu": mfu,
-                           "data_wait_ms": wait_ms})
+                           "data_wait_ms": wait_ms, **_reduction_stats(model, world)})
                 bar.update(1, loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}", **({"mfu": f"{100 * mfu:.1f}%"} if mfu else {}))
             if done % eval_every == 0 or done == c.steps:
                 val_loss = evaluate()
@@ -451,6 +451,16 @@ def train(config: TrainConfig) -> dict:
             log.close()
     return {"steps": c.steps, "start_step": start, "loss": loss_value, "val_loss": val_loss,
             "tokens_per_s": rate, "out": str(out), "params": raw.num_params(), "world_size": world}
+
+
+def _reduction_stats(model, world: int) -> dict:
+    """DataParallel's figures for the step's reducing backward (rank 0's): bucket count, all-reduce
+    time in flight, backward time and the fraction of the former that overlapped the latter."""
+    if world == 1:
+        return {}
+    s = model.stats
+    return {"dp_buckets": s["buckets"], "dp_comm_ms": s["comm_ms"], "dp_backward_ms": s["backward_ms"],
+            "dp_overlap": s["overlap"]}
 
 
 # Settings that shape the batches or the updates: changing them on --resume breaks exactness.
