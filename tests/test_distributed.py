@@ -107,6 +107,36 @@ def test_parameters_in_another_memory_format_on_one_rank_are_refused_on_every_ra
         assert "differs between ranks" in r["error"] and "conv.weight" in r["error"] and "rank 1" in r["error"]
 
 
+@pytest.mark.gpu
+def test_nccl_at_world_size_one_reduces_and_times_on_the_gpu_timeline():
+    """One NCCL rank: gradients as without DataParallel, and the all-reduces timed by CUDA events."""
+    code = f"""if True:
+        import copy, json, torch, torch.distributed as dist
+        from torch import nn
+        from fastcore.distributed import DataParallel
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+        ref = copy.deepcopy(model)
+        dp = DataParallel(model, bucket_cap_mb=4, first_bucket_mb=1)
+        x = torch.randn(64, 1024, device="cuda")
+        for _ in range(3):
+            model.zero_grad(set_to_none=False)
+            dp(x).square().mean().backward()
+        ref(x).square().mean().backward()
+        err = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+        s = dp.stats
+        print(json.dumps({{"err": err, "clock": type(dp._clock).__name__,
+                          **{{k: s[k] for k in ("buckets", "comm_ms", "backward_ms", "overlap")}}}}))
+        dist.destroy_process_group()
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["err"] <= 1e-6 and r["clock"] == "_GpuClock"
+    assert r["buckets"] >= 2 and r["comm_ms"] > 0 and r["backward_ms"] > 0 and 0 <= r["overlap"] <= 1, r
+
+
 def test_double_backward_is_refused_on_every_rank(tmp_path):
     for r in run_ranks("double_backward", 2, tmp_path):
         assert "create_graph=True" in r["error"] and "not supported" in r["error"]

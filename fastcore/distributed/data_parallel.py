@@ -69,6 +69,42 @@ def _memory(t: Tensor, view: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
+class _HostClock:
+    """Wall time. A gloo all-reduce's end is polled from the gradient hooks (a Python callback on its
+    future, run in gloo's thread, cost ~4% of a step in GIL contention), good to one hook's spacing."""
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def end_of(self, work) -> None:
+        return None  # polled
+
+    def ms(self, a: float, b: float) -> float:
+        return (b - a) * 1e3
+
+
+class _GpuClock:
+    """The GPU's timeline: events on the current stream. An NCCL all-reduce's end is an event on a side
+    stream that waits for it and nothing else, so it fires when the collective finishes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = torch.cuda.Stream(device)
+
+    def now(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end_of(self, work):
+        with torch.cuda.stream(self.side):
+            work.wait()  # makes the current (side) stream wait; the host does not block
+            return self.now()
+
+    def ms(self, a, b) -> float:
+        b.synchronize()
+        return a.elapsed_time(b)
+
+
 class _Sink(torch.autograd.Function):
     """Identity on the forward outputs. Its backward runs first in the outer backward pass, so that
     is where a reduction starts and its end-of-backward callback is queued, also when activation
@@ -144,7 +180,11 @@ class DataParallel(nn.Module):
         self._in_backward = False
         self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i))
                          for i, p in enumerate(self._params)]
-        self.stats: dict = {}
+        blocking = os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", "")
+        on_gpu = self._buffers and self._buffers[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
+        self._clock = _GpuClock(self._buffers[0].device) if on_gpu and not blocking else _HostClock()
+        self._stats: dict = {}
+        self._pending_stats = None
 
     def _check_ranks_agree(self, module: nn.Module) -> None:
         """Every rank must hold the same parameters and buffers, in the same memory layout, because the
@@ -230,7 +270,7 @@ class DataParallel(nn.Module):
         self._pending = [len(b.params) for b in self._buckets]
         self._next = 0
         self._works: list = []
-        self._t_backward = time.perf_counter()
+        self._t_backward = self._clock.now()
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _launch_ready(self) -> None:
@@ -264,15 +304,13 @@ class DataParallel(nn.Module):
         else:
             # Compressing: every gradient scaled and narrowed into the wire buffer in one launch.
             pack([_memory(p.grad, v) for p, v in zip(params, views)], slices, scale)
-        start = time.perf_counter()
+        start = self._clock.now()
         work = dist.all_reduce(wire, group=self.process_group, async_op=True)
-        # Completion is polled from the hooks (a Python callback on the future, run in gloo's thread,
-        # cost ~4% of a step in GIL contention), so an end time is good to one hook's spacing.
-        self._works.append((b, work, {"bucket": b, "start": start, "end": None}))
+        self._works.append((b, work, {"bucket": b, "start": start, "end": self._clock.end_of(work)}))
 
     def _finish_backward(self) -> None:
         self._in_backward = False
-        t_end = time.perf_counter()
+        t_end = self._clock.now()
         unready = [i for i, ok in enumerate(self._ready) if not ok]
         with torch.no_grad():
             # A parameter without a gradient in this backward still takes part, so that every rank
@@ -289,7 +327,7 @@ class DataParallel(nn.Module):
         for b, work, record in self._works:
             work.wait()
             if record["end"] is None:
-                record["end"] = time.perf_counter()
+                record["end"] = self._clock.now()
             if self._wire[b] is not self._buffers[b] or not self.gradient_as_bucket_view:
                 self._unpack(b)
         self._record_stats(t_end)
@@ -306,7 +344,7 @@ class DataParallel(nn.Module):
         now = None
         for _, work, record in self._works:
             if record["end"] is None and work.is_completed():
-                record["end"] = now = now or time.perf_counter()
+                record["end"] = now = now or self._clock.now()
 
     def _unpack(self, b: int) -> None:
         """The reduced bucket into the gradients: views are already there unless compressing."""
@@ -329,15 +367,30 @@ class DataParallel(nn.Module):
         bucket = self._buckets[b]
         return [flat[o:o + self._params[i].numel()] for i, o in zip(bucket.params, bucket.offsets)]
 
-    def _record_stats(self, t_end: float) -> None:
-        comm = overlap = 0.0
-        for _, _, r in self._works:
-            end = r["end"]
-            comm += end - r["start"]
-            overlap += max(0.0, min(end, t_end) - r["start"])
-        self.stats = {"buckets": len(self._buckets), "bucket_bytes": [b.nbytes for b in self._buckets],
-                      "comm_ms": comm * 1e3, "backward_ms": (t_end - self._t_backward) * 1e3,
-                      "overlap": overlap / comm if comm > 0 else 0.0, "rebuilt": self._rebuilt}
+    def _record_stats(self, t_end) -> None:
+        # Worked out when read: on a GPU that waits for the events, which the step is not made to do.
+        clock, origin, records = self._clock, self._t_backward, [r for _, _, r in self._works]
+        layout = {"buckets": len(self._buckets), "bucket_bytes": [b.nbytes for b in self._buckets]}
+        rebuilt = self._rebuilt
+
+        def stats() -> dict:
+            backward = clock.ms(origin, t_end)
+            comm = overlap = 0.0
+            for r in records:
+                start, end = clock.ms(origin, r["start"]), clock.ms(origin, r["end"])
+                comm += end - start
+                overlap += max(0.0, min(end, backward) - start)
+            return {**layout, "comm_ms": comm, "backward_ms": backward,
+                    "overlap": overlap / comm if comm > 0 else 0.0, "rebuilt": rebuilt}
+        self._pending_stats = stats
+
+    @property
+    def stats(self) -> dict:
+        """The last reducing backward pass: bucket count and bytes, the time its all-reduces were in
+        flight, the backward's time, and the fraction of the former that overlapped the latter."""
+        if self._pending_stats is not None:
+            self._stats, self._pending_stats = self._pending_stats(), None
+        return self._stats
 
     def _rebuild(self) -> None:
         """Once, after the first iteration: buckets in the order autograd produced the gradients.
