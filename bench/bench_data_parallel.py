@@ -30,10 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastcore.distributed import DataParallel
-
 from fastcore.bench import bench_train
 from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, park_openmp_workers, register
+from fastcore.distributed import DataParallel
 
 WORLD = 2
 WIDTH, DEPTH, BATCH = 1152, 2, 16  # 2 blocks of 1152 -> 2304 -> 1152: 10.6M parameters
