@@ -7,6 +7,7 @@
 #   bench/gpu_session.sh bench adamw data_parallel_overhead
 #   bench/gpu_session.sh bench train patch
 #   bench/gpu_session.sh train
+#   bench/gpu_session.sh tune --head-dims 128 --causal yes     # attention block sizes, one slice per call
 #
 # Every call installs and builds first (quick when the machine is still warm), so any stage can run
 # on a fresh machine. Logs and results go under $OUT (default ./bench/out); summary.txt collects the
@@ -50,10 +51,20 @@ train() {  # the trainer end to end (stdlib corpus, byte vocabulary: 86M paramet
   done
 }
 
+tune() {  # tune [ARGS]: the attention block-size search (see bench/tune_attention.py)
+  local slug name
+  slug=$(python -c "from fastcore.bench.harness import device_slug; print(device_slug('cuda'))")
+  name=$(echo "${*:-all}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-*//; s/-*$//')
+  mkdir -p "$OUT/$slug"
+  python -m fastcore.bench.tune_attention "$@" --json "$OUT/$slug/attention-tune-$name.json" > "$OUT/tune-$name.log" 2>&1
+  echo "tune $*: exit $?" | tee -a "$OUT/summary.txt"
+  grep -E "^D=|wrote" "$OUT/tune-$name.log"
+}
+
 stage=${1:-all}
 case "$stage" in
-  all|setup|tests|bench|train) ;;
-  *) echo "gpu_session.sh: unknown stage '$stage' (all, setup, tests, bench [OP...], train)" >&2; exit 2 ;;
+  all|setup|tests|bench|train|tune) ;;
+  *) echo "gpu_session.sh: unknown stage '$stage' (all, setup, tests, bench [OP...], train, tune [ARGS])" >&2; exit 2 ;;
 esac
 setup
 case "$stage" in
@@ -61,4 +72,5 @@ case "$stage" in
   tests) tests ;;
   bench) shift; bench "$@" ;;
   train) train ;;
+  tune) shift; tune "$@" ;;
 esac

@@ -45,6 +45,7 @@ Offsets: batch/head bases and the start of each sequence block are formed in int
 inside a block stay int32.
 """
 
+import contextlib
 import math
 
 import torch
@@ -454,16 +455,34 @@ def _dot_f32(q):
     return not _on_gpu(q) and q.dtype == torch.bfloat16
 
 
+# Configs forced by block_configs(), in place of the tables' (and the interpreter's).
+_forced: dict = {}
+
+
+@contextlib.contextmanager
+def block_configs(fwd=None, dkdv=None, dq=None):
+    """Run the kernels with these (BLOCK_M, BLOCK_N, num_warps, num_stages) while inside; for the
+    block-size search (``python -m fastcore.bench.tune_attention``)."""
+    saved = dict(_forced)
+    _forced.update({k: tuple(v) for k, v in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)) if v is not None})
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
 def _fwd_config(q, causal):
+    if "fwd" in _forced:
+        return _forced["fwd"]
     if not _on_gpu(q):
         return _INTERPRET_FWD
     return _FWD_CONFIGS[(_block_d(q.shape[-1]), causal, q.dtype)]
 
 
 def _bwd_configs(q, causal):
-    if not _on_gpu(q):
-        return _INTERPRET_BWD
-    return _BWD_CONFIGS[(_block_d(q.shape[-1]), causal, q.dtype)]
+    dkdv, dq = _INTERPRET_BWD if not _on_gpu(q) else _BWD_CONFIGS[(_block_d(q.shape[-1]), causal, q.dtype)]
+    return _forced.get("dkdv", dkdv), _forced.get("dq", dq)
 
 
 def _check_shapes(q, k, v):

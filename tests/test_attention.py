@@ -7,7 +7,7 @@ import torch
 import fastcore
 from fastcore import reference
 from fastcore.reference.attention import causal_keep
-from conftest import HAS_GPU, assert_close, device_backends
+from conftest import assert_close, device_backends
 
 # (batch, q heads, kv heads, Tq, Tk, head dim, causal). Lengths off every block size, GQA, MQA,
 # Tq < Tk and Tq > Tk (whose first queries see no key when causal), single tokens.
@@ -260,3 +260,27 @@ def test_triton_custom_op_under_compile_and_opcheck(device, backend):
     torch.library.opcheck(torch.ops.fastcore.attention_bwd.default,
                           tuple(t.detach() for t in (do, q, k, v, o, lse)) + (True, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, backend):
+    """The tuner (bench/tune_attention.py) on small shapes: forced configs compute the right answer,
+    a config that cannot compile is skipped with its reason, and each kind's winner is one it timed."""
+    from fastcore.bench import tune_attention as tune
+
+    bad = (24, 16, 4, 1)  # tl.arange needs power-of-two blocks
+    cands = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1), bad], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}
+    found = tune.tune(16, True, [33], torch.float16, device, timer=tune.host_ms if device == "cpu" else tune.cuda_ms,
+                      cands=lambda kind, d: cands[kind], check_length=17, tokens=66, hidden=32)
+    fwd = {tuple(e["config"]): e for e in found["fwd"]["tried"]}
+    assert "score" in fwd[(16, 16, 4, 1)] and "score" in fwd[(32, 16, 4, 1)]
+    assert "skipped" in fwd[bad] and "score" not in fwd[bad]
+    assert found["fwd"]["best"] in {(16, 16, 4, 1), (32, 16, 4, 1)}
+    assert found["table"] == {"fwd": list(found["fwd"]["best"]), "dkdv": [16, 32, 4, 1], "dq": [32, 16, 4, 1]}
+    # The check itself: a wrong output is named, the right one passes.
+    q, k, v, do = tune.inputs(17, 16, torch.float16, device, tokens=34, hidden=32)
+    right = reference.attention(q, k, v, causal=True).to(q.dtype)
+    assert tune.check("fwd", right, q, k, v, do, True) is None
+    assert "relative error" in tune.check("fwd", right.flip(-2), q, k, v, do, True)
+    if not torch.cuda.is_available():
+        assert tune.main([]) == 2  # the search itself needs a GPU: it says so instead of timing the interpreter
