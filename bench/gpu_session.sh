@@ -54,11 +54,13 @@ train() {  # the trainer end to end (stdlib corpus, byte vocabulary: 86M paramet
 tune() {  # tune [ARGS]: the attention block-size search (see bench/tune_attention.py)
   local slug name
   slug=$(python -c "from fastcore.bench.harness import device_slug; print(device_slug('cuda'))")
-  name=$(echo "${*:-all}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-*//; s/-*$//')
+  local status
+  name=$(printf '%s' "${*:-all}" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-*//; s/-*$//')
   mkdir -p "$OUT/$slug"
   python -m fastcore.bench.tune_attention "$@" --json "$OUT/$slug/attention-tune-$name.json" > "$OUT/tune-$name.log" 2>&1
-  echo "tune $*: exit $?" | tee -a "$OUT/summary.txt"
-  grep -E "^D=|wrote" "$OUT/tune-$name.log"
+  status=$?
+  echo "tune $*: exit $status" | tee -a "$OUT/summary.txt"
+  if [ "$status" -ne 0 ]; then tail -n 20 "$OUT/tune-$name.log"; else grep -E "^D=|wrote" "$OUT/tune-$name.log"; fi
 }
 
 stage=${1:-all}

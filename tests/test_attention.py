@@ -268,19 +268,28 @@ def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, b
     a config that cannot compile is skipped with its reason, and each kind's winner is one it timed."""
     from fastcore.bench import tune_attention as tune
 
+    from fastcore.kernels import attention as kernels
+
     bad = (24, 16, 4, 1)  # tl.arange needs power-of-two blocks
-    cands = {"fwd": [(16, 16, 4, 1), (32, 16, 4, 1), bad], "dkdv": [(16, 32, 4, 1)], "dq": [(32, 16, 4, 1)]}
+    # Neither winner is the interpreter's default, so a search that kept the default would fail here.
+    cands = {"fwd": [(16, 16, 4, 1), (16, 32, 4, 1), bad], "dkdv": [(32, 32, 4, 1), (24, 32, 4, 1)],
+             "dq": [(16, 16, 4, 1), (24, 16, 4, 1)]}
     found = tune.tune(16, True, [33], torch.float16, device, timer=tune.host_ms if device == "cpu" else tune.cuda_ms,
                       cands=lambda kind, d: cands[kind], check_length=17, tokens=66, hidden=32)
-    fwd = {tuple(e["config"]): e for e in found["fwd"]["tried"]}
-    assert "score" in fwd[(16, 16, 4, 1)] and "score" in fwd[(32, 16, 4, 1)]
-    assert "skipped" in fwd[bad] and "score" not in fwd[bad]
-    assert found["fwd"]["best"] in {(16, 16, 4, 1), (32, 16, 4, 1)}
-    assert found["table"] == {"fwd": list(found["fwd"]["best"]), "dkdv": [16, 32, 4, 1], "dq": [32, 16, 4, 1]}
-    # The check itself: a wrong output is named, the right one passes.
+    for kind, good in (("fwd", {(16, 16, 4, 1), (16, 32, 4, 1)}), ("dkdv", {(32, 32, 4, 1)}), ("dq", {(16, 16, 4, 1)})):
+        tried = {tuple(e["config"]): e for e in found[kind]["tried"]}
+        assert all("score" in tried[c] for c in good) and found[kind]["best"] in good, (kind, tried)
+        assert all("skipped" in e and "score" not in e for c, e in tried.items() if c not in good), (kind, tried)
+        assert found["table"][kind] == list(found[kind]["best"])
+    assert kernels._forced == {}  # every forced config was put back
+    # The check itself: wrong outputs are named, right ones pass.
     q, k, v, do = tune.inputs(17, 16, torch.float16, device, tokens=34, hidden=32)
-    right = reference.attention(q, k, v, causal=True).to(q.dtype)
-    assert tune.check("fwd", right, q, k, v, do, True) is None
-    assert "relative error" in tune.check("fwd", right.flip(-2), q, k, v, do, True)
+    o, lse = kernels.attention_fwd(q, k, v, True, 0.25)
+    assert tune.check("fwd", (o, lse), q, k, v, do, True) is None
+    assert tune.check("fwd", (o.flip(-2), lse), q, k, v, do, True).startswith("o: relative error")
+    assert tune.check("fwd", (o, lse + 1), q, k, v, do, True).startswith("lse: relative error")
+    grads = kernels.attention_bwd(do, q, k, v, o, lse, True, 0.25)
+    assert tune.check("dkdv", grads, q, k, v, do, True) is None
+    assert tune.check("dq", (grads[0], grads[1] * 2, grads[2]), q, k, v, do, True).startswith("dk: relative error")
     if not torch.cuda.is_available():
         assert tune.main([]) == 2  # the search itself needs a GPU: it says so instead of timing the interpreter
