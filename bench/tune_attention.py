@@ -8,8 +8,9 @@ dQ at the table's config, then every dQ candidate with the best dK/dV. The shape
 batch x length = 16k tokens, hidden 2048 (``bench_attention``). A config's score is its geometric mean
 TFLOP/s over the lengths. A candidate that does not compile or launch (shared memory, registers), or
 whose output on a short odd-length sequence differs from the float64 reference, is skipped with its
-reason. It prints the winners as table entries and writes every timing as JSON. One (head dim, causal) pair
-compiles up to 66 kernels, so a per-call time limit may need one head dim or one causal flag per call.
+reason. It prints the winners as table entries and writes every timing as JSON. One (head dim, causal)
+pair compiles up to 84 kernels (the forward's twice on sm_90: plain and through TMA), so a per-call
+time limit may need one head dim or one causal flag per call.
 """
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ CHECK_LENGTH = 257  # the correctness check's sequence: not a multiple of any bl
 def candidates(kind: str, head_dim: int) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. The forward keeps a 128-row query block, dK/dV
     a long key block and dQ a long query block (see the tables); head dim 256 keeps to the smaller
-    tiles that fit shared memory."""
+    tiles that fit shared memory. On sm_90 each forward config is also tried through TMA (a fifth
+    element, True)."""
     ms, ns, stages = {"fwd": ((64 if head_dim >= 256 else 128,), (32, 64, 128), (2, 3, 4)),
                       "dkdv": ((16, 32, 64), (64, 128), (2, 3)), "dq": ((64, 128), (16, 32, 64), (2, 3))}[kind]
-    return [(m, n, warps, s) for m, n, warps, s in itertools.product(ms, ns, (4, 8), stages)
-            if head_dim < 256 or m * n <= 64 * 64]
+    plain = [(m, n, warps, s) for m, n, warps, s in itertools.product(ms, ns, (4, 8), stages)
+             if head_dim < 256 or m * n <= 64 * 64]
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return plain + [(*c, True) for c in plain] if kind == "fwd" and hopper else plain  # and through TMA
 
 
 def inputs(length: int, head_dim: int, dtype: torch.dtype, device: str, tokens: int = TOKENS,

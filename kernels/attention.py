@@ -43,6 +43,10 @@ registers; padded lanes load as zero, so they add nothing to any dot product.
 
 Offsets: batch/head bases and the start of each sequence block are formed in int64; offsets
 inside a block stay int32.
+
+TMA (sm_90): with TMA=True the forward reads q, k and v tiles through tensor descriptors, which
+zero-fill past T and the head dim as the masked loads do.  Only a forced config (block_configs,
+the tuner) takes it until a GPU run shows it faster; the interpreter runs it too.
 """
 
 import contextlib
@@ -179,15 +183,20 @@ def _fwd_inner(
     stride_kt, stride_kd, stride_vt, stride_vd,
     offs_m, lo, hi, Tk, causal_off, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr,
 ):
+    # With TMA, K_head and V_head are tensor descriptors of the head: the copy engine fetches whole
+    # tiles, zero past Tk and HEAD_DIM.
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         n64 = tl.cast(start_n, tl.int64)
         n_ok = start_n + offs_n < Tk
-        kT = _load_t_block(K_head, start_n, stride_kt, stride_kd, Tk, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
+        if TMA:
+            kT = tl.trans(K_head.load([start_n, 0]))
+        else:
+            kT = _load_t_block(K_head, start_n, stride_kt, stride_kd, Tk, MASKED, HEAD_DIM, BLOCK_N, BLOCK_D)
         s = _scores(q, kT, start_n, offs_m, Tk, causal_off, qk_scale, MASKED, CAUSAL, BLOCK_N, DOT_F32)
         # m_i starts finite (see caller), so a row whose keys so far are all masked gets
         # p = 2^(-inf) = 0 and alpha = 1 instead of NaN from (-inf) - (-inf).
@@ -195,8 +204,11 @@ def _fwd_inner(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V_head + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        v = _load_tile(v_ptrs, n_ok, d_ok, MASKED, BLOCK_D != HEAD_DIM)
+        if TMA:
+            v = V_head.load([start_n, 0])
+        else:
+            v_ptrs = V_head + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+            v = _load_tile(v_ptrs, n_ok, d_ok, MASKED, BLOCK_D != HEAD_DIM)
         acc = acc * alpha[:, None]
         acc = _mma(p.to(v.dtype), v, acc, DOT_F32)
         m_i = m_new
@@ -230,12 +242,20 @@ def _attn_fwd_kernel(
     H, GROUP, Tq, Tk, qk_scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, TMA: tl.constexpr,
 ):
     bh, b, h, hk, start_m, offs_m, m_ok = _query_block(H, GROUP, Tq, BLOCK_M)
-    q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
-    K_head = K + b * stride_kb + hk * stride_kh
-    V_head = V + b * stride_vb + hk * stride_vh
+    if TMA:  # sm_90's tensor memory accelerator; attention_fwd checks the strides it needs
+        q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[Tq, HEAD_DIM], strides=[stride_qt, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+        K_head = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Tk, HEAD_DIM],
+                                           strides=[stride_kt, 1], block_shape=[BLOCK_N, BLOCK_D])
+        V_head = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Tk, HEAD_DIM],
+                                           strides=[stride_vt, 1], block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        q = _load_block(Q, b, h, start_m, stride_qb, stride_qh, stride_qt, stride_qd, Tq, HEAD_DIM, BLOCK_M, BLOCK_D)
+        K_head = K + b * stride_kb + hk * stride_kh
+        V_head = V + b * stride_vb + hk * stride_vh
 
     causal_off = Tk - Tq
     mid, hi = _key_range(start_m, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
@@ -246,11 +266,11 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
                                stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, 0, mid, Tk, causal_off, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
+                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_head, V_head,
                                stride_kt, stride_kd, stride_vt, stride_vd,
                                offs_m, mid, hi, Tk, causal_off, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32)
+                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_F32, TMA)
 
     # A row that saw no key has l == 0 and acc == 0: output 0, lse = +inf (so the backward
     # rebuilds p = exp(s - inf) = 0 for it).
@@ -462,7 +482,8 @@ _forced: dict = {}
 @contextlib.contextmanager
 def block_configs(fwd=None, dkdv=None, dq=None):
     """Run the kernels with these (BLOCK_M, BLOCK_N, num_warps, num_stages) while inside; for the
-    block-size search (``python -m fastcore.bench.tune_attention``)."""
+    block-size search (``python -m fastcore.bench.tune_attention``). A fifth element True in ``fwd``
+    takes the forward's TMA path (tensor descriptors, sm_90), which the tables do not use yet."""
     saved = dict(_forced)
     _forced.update({k: tuple(v) for k, v in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)) if v is not None})
     try:
@@ -505,17 +526,36 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     HKV, Tk = k.shape[1], k.shape[2]
     o = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    block_m, block_n, num_warps, num_stages = _fwd_config(q, causal)
+    block_m, block_n, num_warps, num_stages, *tma = _fwd_config(q, causal)
+    tma = bool(tma and tma[0])
+    if tma:
+        _check_tma(q, k, v)
     grid = (B * H, triton.cdiv(Tq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // HKV, Tq, Tk, scale * _LOG2E,
         CAUSAL=causal, HEAD_DIM=D,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), DOT_F32=_dot_f32(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), DOT_F32=_dot_f32(q), TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse
+
+
+def _check_tma(*tensors):
+    """What the forward's tensor descriptors need: a contiguous last dim, 16-byte aligned bases and
+    strides. A forced TMA config on other tensors is refused rather than read wrongly."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            raise ValueError(f"attention: the TMA path needs a contiguous last dim and 16-byte aligned strides; "
+                             f"got strides {t.stride()} of {t.dtype}")
+    if tensors[0].is_cuda:
+        triton.set_allocator(_descriptor_scratch)  # device-side descriptors live in global memory
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):

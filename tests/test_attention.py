@@ -293,3 +293,23 @@ def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, b
     assert tune.check("dq", (grads[0], grads[1] * 2, grads[2]), q, k, v, do, True).startswith("dk: relative error")
     if not torch.cuda.is_available():
         assert tune.main([]) == 2  # the search itself needs a GPU: it says so instead of timing the interpreter
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+@pytest.mark.parametrize("case,dtype,layout", [
+    ((1, 2, 1, 33, 33, 16, True), torch.float16, "contiguous"),       # MQA, one partial block
+    ((2, 4, 2, 17, 57, 80, True), torch.bfloat16, "contiguous"),      # Tq < Tk, padded head dim
+    ((1, 2, 2, 100, 37, 64, False), torch.float32, "transposed"),     # Tq > Tk, a (B, T, H, D) view
+])
+def test_forward_through_tensor_descriptors(device, backend, case, dtype, layout):
+    """The forward's TMA path (sm_90, forced as the tuner does): output and gradients as the plain path's,
+    against the reference; tensors it cannot describe are refused."""
+    from fastcore.kernels import attention as kernels
+
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    with kernels.block_configs(fwd=(32, 16, 4, 1, True) if device == "cpu" else (64, 64, 4, 2, True)):
+        check(device, backend, case, dtype, layout)
+        q = torch.randn(1, 2, 16, 24, device=device).transpose(-1, -2)  # (1, 2, 24, 16) with a strided last dim
+        with pytest.raises(ValueError, match="TMA path needs a contiguous last dim"):
+            fastcore.attention(q, q, q, backend=backend)
