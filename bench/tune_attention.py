@@ -40,7 +40,8 @@ def candidates(kind: str, head_dim: int) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. The forward keeps a 128-row query block, dK/dV
     a long key block and dQ a long query block (see the tables); head dim 256 keeps to the smaller
     tiles that fit shared memory. On sm_90 each forward config is also tried through TMA (a fifth
-    element, True)."""
+    element, True); those take more shared memory (each key loop keeps its own ring of tiles), so the
+    long key blocks with deep pipelines are expected to be skipped as out of resources."""
     ms, ns, stages = {"fwd": ((64 if head_dim >= 256 else 128,), (32, 64, 128), (2, 3, 4)),
                       "dkdv": ((16, 32, 64), (64, 128), (2, 3)), "dq": ((64, 128), (16, 32, 64), (2, 3))}[kind]
     plain = [(m, n, warps, s) for m, n, warps, s in itertools.product(ms, ns, (4, 8), stages)

@@ -529,7 +529,13 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     block_m, block_n, num_warps, num_stages, *tma = _fwd_config(q, causal)
     tma = bool(tma and tma[0])
     if tma:
-        _check_tma(q, k, v)
+        why = _why_no_tma(q, k, v)
+        if why and "fwd" in _forced:
+            raise ValueError(f"attention: the TMA path needs {why}")
+        tma = why is None  # a table entry falls back to the plain path for tensors it cannot describe
+        if tma and q.is_cuda:
+            # Device-side descriptors live in global memory; this replaces any allocator set before.
+            triton.set_allocator(_descriptor_scratch)
     grid = (B * H, triton.cdiv(Tq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse,
@@ -542,16 +548,15 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
-def _check_tma(*tensors):
-    """What the forward's tensor descriptors need: a contiguous last dim, 16-byte aligned bases and
-    strides. A forced TMA config on other tensors is refused rather than read wrongly."""
-    for t in tensors:
+def _why_no_tma(*tensors):
+    """What the forward's tensor descriptors need and these tensors lack, or None: a contiguous last
+    dim and 16-byte aligned bases and strides (unchecked on the device: a bad one is read wrongly)."""
+    for name, t in zip("qkv", tensors):
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-            raise ValueError(f"attention: the TMA path needs a contiguous last dim and 16-byte aligned strides; "
-                             f"got strides {t.stride()} of {t.dtype}")
-    if tensors[0].is_cuda:
-        triton.set_allocator(_descriptor_scratch)  # device-side descriptors live in global memory
+            return (f"a contiguous last dim and 16-byte aligned strides; {name} has strides {t.stride()} "
+                    f"of {t.dtype}")
+    return None
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):

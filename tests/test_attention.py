@@ -300,16 +300,35 @@ def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, b
     ((1, 2, 1, 33, 33, 16, True), torch.float16, "contiguous"),       # MQA, one partial block
     ((2, 4, 2, 17, 57, 80, True), torch.bfloat16, "contiguous"),      # Tq < Tk, padded head dim
     ((1, 2, 2, 100, 37, 64, False), torch.float32, "transposed"),     # Tq > Tk, a (B, T, H, D) view
+    ((1, 2, 1, 19, 23, 80, True), torch.float32, "contiguous"),       # fp32, padded head dim
 ])
-def test_forward_through_tensor_descriptors(device, backend, case, dtype, layout):
-    """The forward's TMA path (sm_90, forced as the tuner does): output and gradients as the plain path's,
-    against the reference; tensors it cannot describe are refused."""
+def test_forward_through_tensor_descriptors(device, backend, case, dtype, layout, monkeypatch):
+    """The forward's TMA path (sm_90, forced as the tuner does): output and gradients against the
+    reference, from a launch that took it; tensors it cannot describe are refused."""
     from fastcore.kernels import attention as kernels
 
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
+    launched = []
+    kernel = kernels._attn_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["TMA"])
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_attn_fwd_kernel", Spy())
     with kernels.block_configs(fwd=(32, 16, 4, 1, True) if device == "cpu" else (64, 64, 4, 2, True)):
         check(device, backend, case, dtype, layout)
-        q = torch.randn(1, 2, 16, 24, device=device).transpose(-1, -2)  # (1, 2, 24, 16) with a strided last dim
-        with pytest.raises(ValueError, match="TMA path needs a contiguous last dim"):
-            fastcore.attention(q, q, q, backend=backend)
+        assert launched and all(launched)
+        q = torch.randn(1, 2, 24, 16, device=device)
+        k = torch.randn(1, 2, 16, 24, device=device).transpose(-1, -2)  # (1, 2, 24, 16), strided last dim
+        with pytest.raises(ValueError, match="TMA path needs a contiguous last dim.*k has strides"):
+            fastcore.attention(q, k, q, backend=backend)
+    if device == "cpu":  # a table entry that asks for TMA: tensors it cannot describe take the plain path
+        monkeypatch.setattr(kernels, "_INTERPRET_FWD", (32, 16, 4, 1, True))
+        launched.clear()
+        out = fastcore.attention(q, k, q, backend=backend)
+        assert launched == [False]
+        assert_close(out, reference.attention(q, k, q), torch.float32, "TMA table entry, plain fallback")
