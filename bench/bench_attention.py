@@ -86,11 +86,15 @@ def cases(device: str, quick: bool) -> list[Case]:
             for d in (64, 128) for causal in (False, True) for t in lengths for mode in MODES]
 
 
+def tensors(shape: tuple, dtype: torch.dtype, device: str, seed: int = 0) -> tuple:
+    """q, k, v and the output gradient, (B, H, T, D) each, seeded (also for the block-size search)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
+
+
 def setup(fn, case: Case, device: str):
-    b, h, t, d = case.shape
     causal = case.tag == "causal"
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v, do = (torch.randn(b, h, t, d, device=device, dtype=case.dtype, generator=gen) for _ in range(4))
+    q, k, v, do = tensors(case.shape, case.dtype, device)
     leaves = [z.requires_grad_() for z in (q, k, v)]
     if case.mode == "fwd":
         def step():

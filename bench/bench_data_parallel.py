@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -31,7 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fastcore.bench import bench_train
-from fastcore.bench.harness import Benchmark, Case, keep_freed_memory_in_the_heap, park_openmp_workers, register
+from fastcore.bench.harness import (Benchmark, Case, free_port, keep_freed_memory_in_the_heap, park_openmp_workers,
+                                    register, step_from_provider)
 from fastcore.distributed import DataParallel
 
 WORLD = 2
@@ -73,7 +73,7 @@ class _Group:
     """Rank 0 of a 2-rank gloo group, with the follower process as rank 1."""
 
     def __init__(self):
-        port = _free_port()
+        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")  # one thread, none spinning
         self.follower = subprocess.Popen([sys.executable, "-m", "fastcore.bench.bench_data_parallel", str(port)], env=env)
         atexit.register(self.close)
@@ -96,12 +96,6 @@ class _Group:
 
 
 _group: _Group | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single_threaded(fn):
@@ -192,7 +186,7 @@ def _solo_group(device: str):
             _group = _Group()
         return _group.solo
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                 timeout=TIMEOUT)
         atexit.register(dist.destroy_process_group)
     if dist.get_world_size() != 1:
@@ -217,7 +211,7 @@ def overhead_providers(device: str) -> dict:
 
 
 register(Benchmark(op="data_parallel_overhead", providers=overhead_providers, cases=bench_train.cases,
-                   setup=lambda make, case, device: make(case, device), work=bench_train.work,
+                   setup=step_from_provider, work=bench_train.work,
                    size_name="tokens per step (world size 1)", baseline="plain"))
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import functools
 import torch
 
 import fastcore
-from fastcore.bench.harness import Benchmark, Case, register
+from fastcore.bench.harness import Benchmark, Case, register, step_from_provider
 
 LR = 1e-4
 # device -> {name: (config kwargs, batch, sequence length)}
@@ -38,15 +38,9 @@ MODELS = {
 }
 
 
-def _transformers():
-    import transformers
-
-    return transformers
-
-
 def providers(device: str) -> dict:
     try:
-        _transformers()
+        __import__("transformers")
     except ImportError:
         reason = "transformers is not installed (pip install transformers)"
         return {"fastcore-patched": reason, "torch": reason}
@@ -61,7 +55,8 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def build(case: Case, device: str):
-    tf = _transformers()
+    import transformers as tf
+
     kwargs = next(models[case.tag][0] for models in MODELS.values() if case.tag in models)
     dropout = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0) if case.tag.startswith("gpt2") else {}
     config = (tf.GPT2Config if case.tag.startswith("gpt2") else tf.LlamaConfig)(
@@ -76,6 +71,7 @@ class Step:
 
     def __init__(self, patched: bool, case: Case, device: str):
         self.model, vocab = build(case, device)
+        self.report: dict = {}
         if patched:
             report = fastcore.patch(self.model)
             if report["attention"] == 0:
@@ -98,13 +94,9 @@ class Step:
 
     def extras(self) -> dict:
         # The harness turns tokens_per_step into tokens_per_s from the row's median.
-        fallbacks = dict(getattr(self, "report", {}).get("attention_fallbacks", {}))
+        fallbacks = dict(self.report.get("attention_fallbacks", {}))
         return {"tokens_per_step": self.tokens, "flops_per_token": None, "peak_flops": None,
                 "attention_fallbacks": fallbacks}
-
-
-def setup(make, case: Case, device: str):
-    return make(case, device)
 
 
 def work(case: Case):
@@ -117,5 +109,5 @@ def work(case: Case):
     return "flops", (6 * n + 6 * layers * width * t) * case.shape[0] * t
 
 
-register(Benchmark(op="patch", providers=providers, cases=cases, setup=setup, work=work,
+register(Benchmark(op="patch", providers=providers, cases=cases, setup=step_from_provider, work=work,
                    size_name="tokens per step", baseline="torch"))

@@ -14,6 +14,7 @@ import importlib
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,11 @@ class Benchmark:
     work: Callable[[Case], tuple]
     size_name: str = "size"
     baseline: str = EAGER  # the provider fastcore's speedups (and so the gate) are measured against
+
+
+def step_from_provider(make: Callable, case: Case, device: str) -> Callable:
+    """The setup of a benchmark whose providers build the whole step themselves: ``make(case, device)``."""
+    return make(case, device)
 
 
 def peer(name: str, load: Callable[[], Callable]) -> Callable | str:
@@ -276,25 +282,34 @@ def keep_freed_memory_in_the_heap() -> None:
         libc.mallopt(-1, (1 << 31) - 1)    # M_TRIM_THRESHOLD
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def park_openmp_workers() -> None:
     """Stop this process's idle OpenMP workers until its next parallel region.
 
     Under OMP_WAIT_POLICY=ACTIVE (set by ``fastcore bench``) they spin on a core each even when the
     process runs single-threaded, which a benchmark of several processes sharing the cores cannot afford.
     """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(_loaded_libgomp()).omp_pause_resource_all(1)  # omp_pause_soft
+    pause = _omp_pause()
+    if pause is not None:
+        pause(1)  # omp_pause_soft
 
 
 @functools.lru_cache(maxsize=1)
-def _loaded_libgomp() -> str:
-    """The libgomp torch loaded (wheels may ship it under a hashed name), else the system's."""
+def _omp_pause():
+    """omp_pause_resource_all of the libgomp torch loaded (wheels may ship it under a hashed name,
+    else the system's), looked up once: parking runs inside timed steps. None without libgomp."""
+    path = "libgomp.so.1"
     with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if os.path.basename(path).startswith("libgomp"):
-                return path
-    return "libgomp.so.1"
+        path = next((p for p in (line.split()[-1] for line in maps) if os.path.basename(p).startswith("libgomp")), path)
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(path).omp_pause_resource_all
+    return None
 
 
 # ---------------------------------------------------------------- running

@@ -27,7 +27,7 @@ import torch
 
 from fastcore import reference
 from fastcore.reference.attention import causal_keep
-from fastcore.bench.bench_attention import HIDDEN, TOKENS
+from fastcore.bench.bench_attention import HIDDEN, TOKENS, tensors
 from fastcore.bench.harness import attention_flops, device_slug
 
 KINDS = ("fwd", "dkdv", "dq")
@@ -52,10 +52,7 @@ def candidates(kind: str, head_dim: int) -> list[tuple]:
 
 def inputs(length: int, head_dim: int, dtype: torch.dtype, device: str, tokens: int = TOKENS,
            hidden: int = HIDDEN) -> tuple:
-    gen = torch.Generator(device=device).manual_seed(length)
-    shape = (max(1, tokens // length), hidden // head_dim, length, head_dim)
-    q, k, v, do = (torch.randn(shape, dtype=dtype, device=device, generator=gen) for _ in range(4))
-    return q, k, v, do
+    return tensors((max(1, tokens // length), hidden // head_dim, length, head_dim), dtype, device, seed=length)
 
 
 def run(kind: str, cfg: tuple, q, k, v, do, causal: bool) -> Callable[[], object]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fastcore import nn as fnn
+from fastcore.backends import resolve_backend
 from fastcore.ops.attention import HEAD_DIMS, attention
 from fastcore.ops.norm import rms_norm
 
@@ -143,8 +144,6 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
 
 def _check_backend(model: nn.Module, backend: str, layer_norm: bool, rms: bool, attn: bool) -> None:
     """Refuse, now and with the reason, a backend that cannot run a patched op on the model's device."""
-    from fastcore.backends import resolve_backend
-
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     for op, wanted in (("layer_norm", layer_norm), ("rms_norm", rms), ("attention", attn)):
@@ -162,6 +161,7 @@ def unpatch(model: nn.Module) -> dict:
         raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     restored = Counter()
     for module in model.modules():
+        _reports.pop(module, None)
         original = module.__dict__.pop("_fastcore_original", None)
         if original is None:
             continue
@@ -174,8 +174,6 @@ def unpatch(model: nn.Module) -> dict:
         if any(_implementation(c) == IMPLEMENTATION for c in _configs(hf)):
             hf.set_attn_implementation("sdpa")
             restored["attention"] += _count_attention_layers(hf)
-    for module in model.modules():
-        _reports.pop(module, None)
     return dict(restored)
 
 

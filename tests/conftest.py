@@ -1,6 +1,5 @@
 """Shared test protocol: the tolerance table, error metric, device/backend matrix and output poisoning."""
 import os
-import socket
 
 import torch
 
@@ -11,6 +10,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastcore  # noqa: E402
+from fastcore.bench import harness  # noqa: E402
+
+free_port = harness.free_port  # the tests' rendezvous ports, as the benchmarks take theirs
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -71,10 +73,3 @@ def without_key_bias(params: dict, suffix: str) -> dict:
             c = t.numel() // 3
             out[name] = torch.cat((t[:c], t[2 * c:]))
     return out
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -213,6 +213,7 @@ class DataParallel(nn.Module):
         self._buckets: list[Bucket] = assign_buckets(self._params, order, *self._caps)
         self._bucket_of = [0] * len(self._params)
         self._views: list[Optional[Tensor]] = [None] * len(self._params)
+        self._flats: list[Optional[Tensor]] = [None] * len(self._params)  # each view as 1-D memory
         self._buffers = []
         for b, bucket in enumerate(self._buckets):
             buffer = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
@@ -220,7 +221,7 @@ class DataParallel(nn.Module):
             for i, offset in zip(bucket.params, bucket.offsets):
                 self._bucket_of[i] = b
                 p = self._params[i]
-                flat = buffer[offset:offset + p.numel()]
+                flat = self._flats[i] = buffer[offset:offset + p.numel()]
                 # The parameter's own layout (channels_last, a transposed weight) when it is dense, as
                 # autograd lays out its gradients; so gradients accumulate into the view in place.
                 self._views[i] = flat.as_strided(p.shape, p.stride()) if _dense(p) else flat.view_as(p)
@@ -234,6 +235,10 @@ class DataParallel(nn.Module):
         self._wire = [buf if wire is None or buf.dtype == wire else torch.empty(buf.numel(), dtype=wire,
                                                                                 device=buf.device)
                       for buf in self._buffers]
+        # Each bucket's parameters as 1-D slices of what goes on the wire (the buffer itself unless compressing).
+        self._wire_slices = [[self._flats[i] for i in bucket.params] if w is buf else
+                             [w[o:o + self._params[i].numel()] for i, o in zip(bucket.params, bucket.offsets)]
+                             for bucket, buf, w in zip(self._buckets, self._buffers, self._wire)]
 
     # ------------------------------------------------------------ the backward pass
     def _on_grad(self, i: int) -> None:
@@ -252,7 +257,7 @@ class DataParallel(nn.Module):
             # A large gradient that is not a view (after zero_grad(set_to_none=True)) goes into its bucket
             # now, scaled, so that autograd's tensor is freed at once instead of when the bucket fills.
             # One tensor gains nothing from pack's launch table: ATen's multiply is the one launch.
-            torch.mul(_memory(p.grad, view), 1.0 / self.world_size, out=_memory(view, view))
+            torch.mul(_memory(p.grad, view), 1.0 / self.world_size, out=self._flats[i])
             p.grad = view
             self._scaled[i] = True
         self._pending[b] -= 1
@@ -284,7 +289,7 @@ class DataParallel(nn.Module):
         params = [self._params[i] for i in bucket.params]
         views = [self._views[i] for i in bucket.params]
         scale = 1.0 / self.world_size
-        slices = self._slices(wire, b)
+        slices = self._wire_slices[b]
         if wire is buffer:
             # The small gradients that are not views are copied in and scaled in one fused launch, the
             # views scaled in place (the large ones came in scaled from their hook): one read of each.
@@ -348,24 +353,19 @@ class DataParallel(nn.Module):
 
     def _unpack(self, b: int) -> None:
         """The reduced bucket into the gradients: views are already there unless compressing."""
-        bucket, wire = self._buckets[b], self._wire[b]
+        bucket = self._buckets[b]
         params = [self._params[i] for i in bucket.params]
         views = [self._views[i] for i in bucket.params]
         if self.gradient_as_bucket_view:
             for p, v in zip(params, views):
                 p.grad = v
         grads = [p.grad for p in params]
-        same = [k for k, (g, v) in enumerate(zip(grads, views)) if _same_layout(g, v)]
-        other = set(range(len(grads))) - set(same)
-        srcs = self._slices(wire, b)
-        pack([srcs[k] for k in same], [_memory(grads[k], views[k]) for k in same])
-        for k in sorted(other):  # a gradient set by hand in another layout than its parameter's
-            grads[k].copy_(srcs[k].as_strided(views[k].shape, views[k].stride()))
-
-    def _slices(self, flat: Tensor, b: int) -> list[Tensor]:
-        """Bucket ``b``'s parameters as 1-D slices of ``flat`` (its buffer or its wire buffer)."""
-        bucket = self._buckets[b]
-        return [flat[o:o + self._params[i].numel()] for i, o in zip(bucket.params, bucket.offsets)]
+        srcs = self._wire_slices[b]
+        same = [_same_layout(g, v) for g, v in zip(grads, views)]
+        pack([s for s, ok in zip(srcs, same) if ok], [_memory(g, v) for g, v, ok in zip(grads, views, same) if ok])
+        for src, g, v, ok in zip(srcs, grads, views, same):
+            if not ok:  # a gradient set by hand in another layout than its parameter's
+                g.copy_(src.as_strided(v.shape, v.stride()))
 
     def _record_stats(self, t_end) -> None:
         # Worked out when read: on a GPU that waits for the events, which the step is not made to do.

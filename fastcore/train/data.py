@@ -215,11 +215,14 @@ def _write_atomic(path: Path, write):
 
 
 def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte", vocab: int | None = None,
-            val_fraction: float = 0.05, seed: int = 0, progress: bool = True) -> dict:
-    """Tokenize ``inputs`` (files, directories, glob patterns) into ``out``; return its meta.json as a dict."""
+            val_fraction: float = 0.05, seed: int = 0, progress: bool = True,
+            files: list[Path] | None = None) -> dict:
+    """Tokenize ``inputs`` (files, directories, glob patterns) into ``out``; return its meta.json as a dict.
+    ``files``: ``resolve_inputs(inputs)`` when the caller has it already."""
     _check_args(tokenizer, vocab, val_fraction)
     sources = [str(s) for s in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    return _prepare_files(resolve_inputs(sources), Path(out), tokenizer=tokenizer, vocab=vocab,
+    files = resolve_inputs(sources) if files is None else files
+    return _prepare_files(files, Path(out), tokenizer=tokenizer, vocab=vocab,
                           val_fraction=val_fraction, seed=seed, progress=progress, sources=sources)
 
 

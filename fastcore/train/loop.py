@@ -212,22 +212,25 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
         if c.data:
             _prepare_inputs(c, target)
         else:
-            data.default_data_dir()
+            target = data.default_data_dir()
     if world > 1:
         dist.barrier()
-    return target if c.data else data.default_data_dir()  # prepared by now: a lookup
+    if rank != 0 and not c.data:
+        target = data.default_data_dir()  # rank 0 prepared it: a lookup
+    return target
 
 
 def _prepare_inputs(c: TrainConfig, target: Path) -> None:
     sources = [os.path.abspath(p) for p in c.data]
     files = data.resolve_inputs(sources)
-    fingerprint = {"sources": sources, "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    stats = [f.stat() for f in files]
+    fingerprint = {"sources": sources, "files": [[str(f), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats)]}
     stamp = target / "inputs.json"
     if (target / "meta.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         return
     if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
         raise TrainError(f"{target} exists and is not a prepared data directory; move it or choose another --out")
-    data.prepare(sources, target, progress=c.progress)
+    data.prepare(sources, target, progress=c.progress, files=files)  # no second walk of the inputs
     stamp.write_text(json.dumps(fingerprint))
 
 
@@ -317,8 +320,13 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
+def _world_size() -> int:
+    """torchrun's rank count (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _distributed() -> tuple[int, int, Optional[torch.device]]:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _world_size() <= 1:
         return 0, 1, None
     from fastcore.distributed import init_from_env
 
@@ -327,7 +335,7 @@ def _distributed() -> tuple[int, int, Optional[torch.device]]:
 
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns a summary (final step, losses, tokens/s, output directory)."""
-    c = config.resolved(int(os.environ.get("WORLD_SIZE", "1")))
+    c = config.resolved(_world_size())
     device = resolve_device(c.device)
     rank, world, dist_device = _distributed()
     if dist_device is not None and c.device is not None and dist_device.type != device.type:
