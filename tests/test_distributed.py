@@ -42,6 +42,8 @@ def run_ranks(scenario: str, world: int, tmp_path, **opts) -> list:
 
 
 @pytest.mark.parametrize("world,dp", [
+    (1, {}),                                                       # no scaling pass at all
+    (1, {"bucket_cap_mb": 0.001, "eager_copy_bytes": 0}),
     (2, {}),                                                       # default caps: one bucket
     (3, {}),
     (2, {"bucket_cap_mb": 0.0005, "first_bucket_mb": 0.0002}),     # many tiny buckets

@@ -294,14 +294,16 @@ class DataParallel(nn.Module):
             # The small gradients that are not views are copied in and scaled in one fused launch, the
             # views scaled in place (the large ones came in scaled from their hook): one read of each.
             stray = [k for k, (p, v) in enumerate(zip(params, views)) if p.grad.data_ptr() != v.data_ptr()]
+            # At world size 1 the views need no pass at all.
             done = set(stray) | {k for k, i in enumerate(bucket.params) if self._scaled[i]}
             if not done:
-                buffer.mul_(scale)
+                if scale != 1.0:
+                    buffer.mul_(scale)
             else:
                 if stray:
                     pack([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray], scale)
                 in_place = [s for k, s in enumerate(slices) if k not in done]
-                if in_place:
+                if in_place and scale != 1.0:
                     torch._foreach_mul_(in_place, scale)
                 if self.gradient_as_bucket_view:
                     for k in stray:
