@@ -47,6 +47,11 @@ inside a block stay int32.
 TMA (sm_90): with TMA=True the forward reads q, k and v tiles through tensor descriptors, which
 zero-fill past T and the head dim as the masked loads do.  Only a forced config (block_configs,
 the tuner) takes it until a GPU run shows it faster; the interpreter runs it too.
+
+Warp specialisation: not used.  Triton 3.9's automatic form (tl.range(..., warp_specialize=True))
+targets Blackwell; compiled ahead of time for sm_90, the forward's key loop gave PTX identical to
+the plain loop at 8 warps and failed in the warp-specialisation pass at 4 warps, with and without
+TMA.  Hopper's explicit form is Gluon, a separate kernel language.
 """
 
 import contextlib
