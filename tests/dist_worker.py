@@ -237,7 +237,7 @@ def layouts(rank, world, opts):
         result["err"] = max(result["err"], *(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(),
                                                                                      ref.parameters())))
         result["strides"].append(all(p.grad.stride() == p.stride() for p in model.parameters()))
-        buffers = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in dp._buffers]
+        buffers = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in dp._bucket_data]
         result["views"].append(all(any(lo <= p.grad.data_ptr() < hi for lo, hi in buffers)
                                    for p in model.parameters()))
         opt.step()
@@ -259,7 +259,21 @@ def mismatch(rank, world, opts):
     return {"error": None}
 
 
-SCENARIOS = {"parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
+def module(rank, world, opts):
+    """The wrapper is a module like DDP's: its state_dict, buffers and load_state_dict go to the wrapped one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    dp = DataParallel(model)
+    loss_fn(dp, *data(0)).backward()
+    state = dp.state_dict()
+    expected = {"module." + k: v for k, v in model.state_dict().items()}
+    same = state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    dp.load_state_dict({k: torch.zeros_like(v) if k.endswith("running_mean") else v for k, v in state.items()})
+    return {"same": same, "buffers": [n for n, _ in dp.named_buffers()],
+            "loaded": model[1].running_mean.abs().sum().item()}
+
+
+SCENARIOS = {"module": module, "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
              "layouts": layouts, "mismatch": mismatch}
 

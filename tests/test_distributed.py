@@ -139,6 +139,12 @@ def test_nccl_at_world_size_one_reduces_and_times_on_the_gpu_timeline():
     assert r["buckets"] >= 2 and r["comm_ms"] > 0 and r["backward_ms"] > 0 and 0 <= r["overlap"] <= 1, r
 
 
+def test_the_wrapper_is_a_module_whose_state_is_the_wrapped_ones(tmp_path):
+    [r] = run_ranks("module", 1, tmp_path)
+    assert r["same"] and r["loaded"] == 0.0
+    assert r["buffers"] == ["module.1.running_mean", "module.1.running_var", "module.1.num_batches_tracked"]
+
+
 def test_double_backward_is_refused_on_every_rank(tmp_path):
     for r in run_ranks("double_backward", 2, tmp_path):
         assert "create_graph=True" in r["error"] and "not supported" in r["error"]

@@ -181,8 +181,8 @@ class DataParallel(nn.Module):
         self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i))
                          for i, p in enumerate(self._params)]
         blocking = os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", "")
-        on_gpu = self._buffers and self._buffers[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
-        self._clock = _GpuClock(self._buffers[0].device) if on_gpu and not blocking else _HostClock()
+        on_gpu = self._bucket_data and self._bucket_data[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
+        self._clock = _GpuClock(self._bucket_data[0].device) if on_gpu and not blocking else _HostClock()
         self._stats: dict = {}
         self._pending_stats = None
 
@@ -214,10 +214,10 @@ class DataParallel(nn.Module):
         self._bucket_of = [0] * len(self._params)
         self._views: list[Optional[Tensor]] = [None] * len(self._params)
         self._flats: list[Optional[Tensor]] = [None] * len(self._params)  # each view as 1-D memory
-        self._buffers = []
+        self._bucket_data = []
         for b, bucket in enumerate(self._buckets):
             buffer = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-            self._buffers.append(buffer)
+            self._bucket_data.append(buffer)
             for i, offset in zip(bucket.params, bucket.offsets):
                 self._bucket_of[i] = b
                 p = self._params[i]
@@ -234,11 +234,11 @@ class DataParallel(nn.Module):
         wire = _COMPRESS[self.compress]
         self._wire = [buf if wire is None or buf.dtype == wire else torch.empty(buf.numel(), dtype=wire,
                                                                                 device=buf.device)
-                      for buf in self._buffers]
+                      for buf in self._bucket_data]
         # Each bucket's parameters as 1-D slices of what goes on the wire (the buffer itself unless compressing).
         self._wire_slices = [[self._flats[i] for i in bucket.params] if w is buf else
                              [w[o:o + self._params[i].numel()] for i, o in zip(bucket.params, bucket.offsets)]
-                             for bucket, buf, w in zip(self._buckets, self._buffers, self._wire)]
+                             for bucket, buf, w in zip(self._buckets, self._bucket_data, self._wire)]
 
     # ------------------------------------------------------------ the backward pass
     def _on_grad(self, i: int) -> None:
@@ -252,7 +252,7 @@ class DataParallel(nn.Module):
         self._poll()
         b = self._bucket_of[i]
         p, view = self._params[i], self._views[i]
-        if (self.gradient_as_bucket_view and self._wire[b] is self._buffers[b] and p.grad.data_ptr() != view.data_ptr()
+        if (self.gradient_as_bucket_view and self._wire[b] is self._bucket_data[b] and p.grad.data_ptr() != view.data_ptr()
                 and p.grad.numel() * p.grad.element_size() >= _EAGER_COPY_BYTES):
             # A large gradient that is not a view (after zero_grad(set_to_none=True)) goes into its bucket
             # now, scaled, so that autograd's tensor is freed at once instead of when the bucket fills.
@@ -285,7 +285,7 @@ class DataParallel(nn.Module):
             self._next += 1
 
     def _launch(self, b: int) -> None:
-        bucket, buffer, wire = self._buckets[b], self._buffers[b], self._wire[b]
+        bucket, buffer, wire = self._buckets[b], self._bucket_data[b], self._wire[b]
         params = [self._params[i] for i in bucket.params]
         views = [self._views[i] for i in bucket.params]
         scale = 1.0 / self.world_size
@@ -335,7 +335,7 @@ class DataParallel(nn.Module):
             work.wait()
             if record["end"] is None:
                 record["end"] = self._clock.now()
-            if self._wire[b] is not self._buffers[b] or not self.gradient_as_bucket_view:
+            if self._wire[b] is not self._bucket_data[b] or not self.gradient_as_bucket_view:
                 self._unpack(b)
         self._record_stats(t_end)
         if not self._rebuilt:
