@@ -4,9 +4,14 @@ Every rank joins a gloo group on 127.0.0.1 (20 s collective timeout), runs the s
 result as JSON to ``OUT.<rank>``. Rank 0 also computes the single-process reference on the global batch.
 """
 import contextlib
+import copy
+import dataclasses
+import gc
 import json
 import os
+import pickle
 import sys
+import weakref
 from datetime import timedelta
 
 import torch
@@ -259,6 +264,145 @@ def mismatch(rank, world, opts):
     return {"error": None}
 
 
+@dataclasses.dataclass
+class Pair:
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class AttrDict(dict):
+    """A dict subclass, as EasyDict-style outputs are; torch's pytree does not look inside it."""
+
+
+class Towers(nn.Module):
+    """Two towers and a learnable temperature, for the ways a forward's output reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.img, self.txt = nn.Linear(5, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x, kind):
+        if kind in ("img", "txt"):
+            return getattr(self, kind)(x)
+        a, b = self.img(x), self.txt(x)
+        if kind == "pair":  # logit_scale is left to the loss
+            return a, b
+        b = b * self.logit_scale
+        return {"dataclass": Pair(a, b), "dict subclass": AttrDict(a=a, b=b), "sum": a + b}[kind]
+
+
+def _towers_loss(case, m, x, seen):
+    temperature = getattr(m, "module", m).logit_scale  # used after the forward in some cases
+    if case in ("dataclass", "dict subclass"):
+        out = m(x, case)
+        a, b = (out.a, out.b) if case == "dataclass" else (out["a"], out["b"])
+        return (a * b).sum()
+    if case == "in-place on the output":
+        return m(x, "sum").mul_(2).relu_().square().sum()
+    if case == "two forwards, one backward":
+        return (m(x, "img") * m(x, "txt")).sum() * temperature
+    a, b = m(x, "pair")
+    if case == "parameter used after the forward":
+        return (a * b).sum() * temperature.exp()
+    b.register_hook(lambda g: seen.append(case))  # "an unused output": no gradient may reach it
+    return a.sum() * temperature
+
+
+TOWER_CASES = ("dataclass", "dict subclass", "in-place on the output", "two forwards, one backward",
+               "parameter used after the forward", "an unused output")
+
+
+def outputs(rank, world, opts):
+    """Each case's gradients after one backward against one process on the global batch."""
+    x = data(0)[0]
+    result, seen = {}, []
+    for case in TOWER_CASES:
+        torch.manual_seed(0)
+        model = Towers()
+        dp = DataParallel(model, find_unused_parameters=case == "an unused output", **opts)
+        try:
+            _towers_loss(case, dp, shard(x, rank, world), seen).backward()
+        except RuntimeError as e:
+            result[case] = str(e)[:300]
+            continue
+        result[case] = None  # rank 0 puts the error against the reference here
+        if rank == 0:
+            torch.manual_seed(0)
+            ref = Towers()
+            for r in range(world):
+                (_towers_loss(case, ref, shard(x, r, world), []) / world).backward()
+            result[case] = max(rel_err(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())
+                               if not (case == "an unused output" and n.startswith("txt.")))
+    result["unused output got a gradient"] = seen
+    return result
+
+
+def evaluate(rank, world, opts):
+    """Ranks evaluate different numbers of batches without grad, then train a step: nothing waits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    dp = DataParallel(model)
+    with torch.no_grad():
+        for step in range(3 - rank):
+            dp(data(step)[0])
+    loss_fn(dp, *data(5)).backward()
+    return {"grad": model[0].weight.grad.sum().item()}
+
+
+def copies(rank, world, opts):
+    """A deepcopy and an unpickled copy of the wrapper train on their own, averaging over the ranks."""
+    torch.manual_seed(0)
+    dp = DataParallel(Net())
+    x, y = data(0)
+    result = {}
+    for name, twin in (("deepcopy", copy.deepcopy(dp)), ("pickle", pickle.loads(pickle.dumps(dp)))):
+        loss_fn(twin, shard(x, rank, world), shard(y, rank, world), use_unused=True).backward()
+        result[name] = [p.grad.sum().item() for p in twin.module.parameters() if p.grad is not None]
+        result[name + " shares the original's parameters"] = any(
+            p is q for p, q in zip(twin.module.parameters(), dp.module.parameters()))
+    if rank == 0:
+        torch.manual_seed(0)
+        ref = Net()
+        loss_fn(ref, x, y, use_unused=True).backward()
+        result["reference"] = [p.grad.sum().item() for p in ref.parameters() if p.grad is not None]
+    return result
+
+
+def lifecycle(rank, world, opts):
+    """A dropped wrapper is freed with its hooks; what it cannot reduce is refused with the reason."""
+    model = nn.Linear(4, 4)
+    dp = DataParallel(model)
+    gone = weakref.ref(dp)
+    del dp
+    gc.collect()
+    result = {"freed": gone() is None}
+    for name, bad in (("complex", nn.Module()), ("sparse", nn.Embedding(4, 2, sparse=True))):
+        if name == "complex":
+            bad.w = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+        try:
+            DataParallel(bad)
+            result[name] = "accepted"
+        except ValueError as e:
+            result[name] = str(e)
+    return result
+
+
+def user_hooks(rank, world, opts):
+    """Hooks the user puts on parameters after wrapping see this rank's own gradient, as under DDP."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    local = copy.deepcopy(model)
+    dp = DataParallel(model, **opts)
+    seen = {}
+    for n, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: seen.__setitem__(n, p.grad.clone()))
+    x, y = (shard(t, rank, world) for t in data(0))
+    loss_fn(dp, x, y).backward()
+    loss_fn(local, x, y).backward()
+    return {"err": max(rel_err(seen[n], p.grad) for n, p in local.named_parameters())}
+
+
 def module(rank, world, opts):
     """The wrapper is a module like DDP's: its state_dict, buffers and load_state_dict go to the wrapped one."""
     torch.manual_seed(0)
@@ -273,7 +417,9 @@ def module(rank, world, opts):
             "loaded": model[1].running_mean.abs().sum().item()}
 
 
-SCENARIOS = {"module": module, "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
+SCENARIOS = {"module": module, "outputs": outputs, "evaluate": evaluate, "copies": copies, "lifecycle": lifecycle,
+             "user_hooks": user_hooks,
+             "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
              "layouts": layouts, "mismatch": mismatch}
 

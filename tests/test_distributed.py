@@ -145,6 +145,45 @@ def test_the_wrapper_is_a_module_whose_state_is_the_wrapped_ones(tmp_path):
     assert r["buffers"] == ["module.1.running_mean", "module.1.running_var", "module.1.num_batches_tracked"]
 
 
+@pytest.mark.parametrize("dp", [{}, {"bucket_cap_mb": 1e-5, "first_bucket_mb": 1e-5}])
+def test_outputs_reach_the_loss_in_every_way_ddp_allows(tmp_path, dp):
+    """A dataclass or dict-subclass output, an in-place op on the output, two forwards before one
+    backward, a parameter used after the forward: gradients are the global batch's."""
+    results = run_ranks("outputs", 2, tmp_path, **dp)
+    from dist_worker import TOWER_CASES
+
+    for case in TOWER_CASES:
+        assert isinstance(results[0][case], float) and results[0][case] <= 1e-5, (case, results[0][case])
+        assert results[1][case] is None, (case, results[1][case])
+    assert results[0]["unused output got a gradient"] == [] == results[1]["unused output got a gradient"]
+
+
+@pytest.mark.parametrize("dp", [{}, {"bucket_cap_mb": 1e-5, "first_bucket_mb": 1e-5}])
+def test_the_parameters_own_hooks_see_the_local_gradient(tmp_path, dp):
+    for r in run_ranks("user_hooks", 2, tmp_path, **dp):
+        assert r["err"] <= 1e-6, r
+
+
+def test_ranks_evaluating_different_numbers_of_batches_do_not_wait_for_each_other(tmp_path):
+    results = run_ranks("evaluate", 2, tmp_path)
+    assert results[0]["grad"] == pytest.approx(results[1]["grad"], rel=1e-6)
+
+
+def test_copies_of_the_wrapper_train_and_average_like_the_original(tmp_path):
+    results = run_ranks("copies", 2, tmp_path)
+    for r in results:
+        for name in ("deepcopy", "pickle"):
+            assert r[name] == pytest.approx(results[0]["reference"], rel=1e-5, abs=1e-6), name
+            assert not r[name + " shares the original's parameters"]
+
+
+def test_a_dropped_wrapper_is_freed_and_what_it_cannot_reduce_is_refused(tmp_path):
+    [r] = run_ranks("lifecycle", 1, tmp_path)
+    assert r["freed"]
+    assert "complex parameters are not supported: w" in r["complex"]
+    assert "sparse gradients are not supported: Embedding" in r["sparse"] and "sparse=False" in r["sparse"]
+
+
 def test_double_backward_is_refused_on_every_rank(tmp_path):
     for r in run_ranks("double_backward", 2, tmp_path):
         assert "create_graph=True" in r["error"] and "not supported" in r["error"]

@@ -1,7 +1,7 @@
 """Data parallelism on torch.distributed: bucketed, overlapped gradient all-reduce.
 
 Gradients live in flat buckets. Each bucket's all-reduce starts, asynchronously, as soon as the
-last of its gradients has been accumulated (a post-accumulate-grad hook), so communication overlaps
+last of its gradients has been accumulated (a hook on its gradient accumulator), so communication overlaps
 the rest of the backward pass; buckets start in the same order on every rank, so the collectives
 match. The collectives are PyTorch's (NCCL on GPUs, gloo on CPU); what is ours is the bucketing, the
 overlap and the fused packing (``fastcore.ops.pack``: copy, scale and cast many gradients in one launch).
@@ -9,16 +9,18 @@ overlap and the fused packing (``fastcore.ops.pack``: copy, scale and cast many 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import time
+import weakref
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fastcore.distributed.buckets import Bucket, assign_buckets
 from fastcore.ops.pack import pack
@@ -105,20 +107,38 @@ class _GpuClock:
         return a.elapsed_time(b)
 
 
-class _Sink(torch.autograd.Function):
-    """Identity on the forward outputs. Its backward runs first in the outer backward pass, so that
-    is where a reduction starts and its end-of-backward callback is queued, also when activation
-    checkpointing runs nested backward passes."""
+def _find_tensors(out) -> list[Tensor]:
+    """The tensors of a forward's output, as DDP finds them: in tuples, lists, mappings (a Hugging Face
+    ModelOutput) and dataclasses, at any depth."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        items = out
+    elif isinstance(out, Mapping):
+        items = out.values()
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    else:
+        return []
+    return [t for item in items for t in _find_tensors(item)]
 
-    @staticmethod
-    def forward(ctx, dp, *tensors):
-        ctx.dp = dp
-        return tuple(t.view_as(t) for t in tensors) if len(tensors) > 1 else tensors[0].view_as(tensors[0])
 
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.dp._start_backward()
-        return (None, *grads)
+# Hooks hold the wrapper weakly: a dropped wrapper is freed, with its buckets, and its hooks removed.
+def _output_grad(ref, grad) -> None:
+    dp = ref()
+    if dp is not None and not dp._in_backward:
+        dp._start_backward()
+
+
+def _param_grad(ref, i: int, grad_inputs, grad_outputs) -> None:
+    dp = ref()
+    if dp is not None:
+        dp._on_grad(i)
+
+
+def _remove(handles: list) -> None:
+    for h in handles:
+        h.remove()
 
 
 class DataParallel(nn.Module):
@@ -137,6 +157,10 @@ class DataParallel(nn.Module):
       size before sending so that the sum cannot overflow, then widens the result.
     - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``,
       which reduces zeros for them.
+    - A reducing forward (outside ``no_sync()``, with grad enabled) arms the next backward. The
+      first gradient of any output tensor (found in tuples, lists, mappings, dataclasses) starts
+      the reduction, or else the first parameter gradient. Buffers are broadcast from rank 0
+      before each reducing forward only, so evaluation under ``torch.no_grad()`` never waits.
     - ``stats`` after each step: bucket count and bytes, communication and backward time, and the
       fraction of the all-reduce time that overlapped the backward pass.
     """
@@ -164,27 +188,63 @@ class DataParallel(nn.Module):
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self._caps = (int(bucket_cap_mb * 2**20), int(first_bucket_mb * 2**20))
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self._names = [n for n, _ in named]
-        self._params = [p for _, p in named]
         devices = {t.device for t in [*module.parameters(), *module.buffers()]}
         if len(devices) > 1:
             raise ValueError(f"DataParallel: the module's tensors must be on one device, got {sorted(map(str, devices))}")
+        complex_ = [n for n, p in module.named_parameters() if p.requires_grad and p.is_complex()]
+        if complex_:
+            raise ValueError(f"DataParallel: complex parameters are not supported: {', '.join(complex_)}; "
+                             "keep them as real tensors (torch.view_as_real) in the module")
+        sparse = [n or type(module).__name__ for n, m in module.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise ValueError(f"DataParallel: modules with sparse gradients are not supported: {', '.join(sparse)}; "
+                             "build them with sparse=False")
         self._check_ranks_agree(module)
         with torch.no_grad():  # every parameter, frozen ones too, and every buffer: rank 0's values
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t, self._src, group=self.process_group)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Buckets, gradient hooks and the clock: all a copy (deepcopy, unpickling) rebuilds. No collective."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
         self._build(list(reversed(range(len(self._params)))))
         self._rebuilt = False
         self._sync = True
         self._in_backward = False
-        self._handles = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._on_grad(i))
-                         for i, p in enumerate(self._params)]
+        self._armed = False  # a reducing forward ran and its backward has not finished
+        # Hooks on the gradient accumulators, as DDP's: they run after the parameters' own hooks, which
+        # see the local gradient. Kept here, since a parameter holds its accumulator weakly.
+        with torch.enable_grad():
+            self._grad_accs = [p.view_as(p).grad_fn.next_functions[0][0] for p in self._params]
+        ref = weakref.ref(self)
+        self._handles = [acc.register_hook(functools.partial(_param_grad, ref, i))
+                         for i, acc in enumerate(self._grad_accs)]
+        weakref.finalize(self, _remove, self._handles)
         blocking = os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", "")
         on_gpu = self._bucket_data and self._bucket_data[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
         self._clock = _GpuClock(self._bucket_data[0].device) if on_gpu and not blocking else _HostClock()
         self._stats: dict = {}
         self._pending_stats = None
+
+    # Rebuilt by _attach; a process group cannot be pickled.
+    _RUNTIME = ("process_group", "_names", "_params", "_buckets", "_bucket_of", "_views", "_flats", "_bucket_data",
+                "_wire", "_wire_slices", "_grad_accs", "_handles", "_clock", "_stats", "_pending_stats", "_works", "_ready",
+                "_scaled", "_order_seen", "_pending", "_next", "_t_backward", "_in_backward", "_armed")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy reduces over the default process group, as DDP's does."""
+        super().__setstate__(state)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DataParallel: torch.distributed must be initialised to copy or unpickle a DataParallel")
+        self.process_group = dist.group.WORLD
+        self.world_size, self._src = dist.get_world_size(), 0
+        self._attach()
 
     def _check_ranks_agree(self, module: nn.Module) -> None:
         """Every rank must hold the same parameters and buffers, in the same memory layout, because the
@@ -243,7 +303,14 @@ class DataParallel(nn.Module):
     # ------------------------------------------------------------ the backward pass
     def _on_grad(self, i: int) -> None:
         if not self._in_backward:
-            return  # a backward through a forward taken under no_sync()
+            if not self._armed:
+                return  # a backward through a forward taken under no_sync() or without grad
+            # A parameter used after the forward (a learnable temperature in the loss) can come
+            # before the outputs' hook, and an output the hook cannot see never fires it.
+            self._start_backward()
+        if self._params[i].grad.layout != torch.strided:
+            raise RuntimeError(f"DataParallel: parameter {self._names[i]!r} got a {self._params[i].grad.layout} "
+                               "gradient; only dense gradients are supported")
         if self._ready[i]:
             raise RuntimeError(f"DataParallel: parameter {self._names[i]!r} got its gradient twice in one backward "
                                "pass (reentrant backward or several backward calls without no_sync())")
@@ -316,7 +383,7 @@ class DataParallel(nn.Module):
         self._works.append((b, work, {"bucket": b, "start": start, "end": self._clock.end_of(work)}))
 
     def _finish_backward(self) -> None:
-        self._in_backward = False
+        self._in_backward = self._armed = False
         t_end = self._clock.now()
         unready = [i for i, ok in enumerate(self._ready) if not ok]
         with torch.no_grad():
@@ -408,21 +475,21 @@ class DataParallel(nn.Module):
     # ------------------------------------------------------------ the module
     def forward(self, *args, **kwargs):
         self._in_backward = False  # a backward that raised midway left its state behind
-        if self.broadcast_buffers and self._sync:
+        sync = self._sync and torch.is_grad_enabled()  # whether to reduce is decided here, as in DDP
+        if sync and self.broadcast_buffers:  # not when evaluating: ranks may run different numbers of batches
             with torch.no_grad():
                 for t in self.module.buffers():
                     dist.broadcast(t, self._src, group=self.process_group)
         out = self.module(*args, **kwargs)
-        if not (self._sync and torch.is_grad_enabled()):
-            return out  # whether to reduce is decided here, at forward time, as in DDP
-        leaves, spec = tree_flatten(out)
-        grads = [k for k, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
-        if not grads:
-            return out
-        through = _Sink.apply(self, *[leaves[k] for k in grads])
-        for k, t in zip(grads, through if isinstance(through, tuple) else (through,)):
-            leaves[k] = t
-        return tree_unflatten(leaves, spec)
+        self._armed = sync
+        outputs = [t for t in _find_tensors(out) if t.requires_grad] if sync else []
+        if outputs:
+            # The first output gradient starts the reduction, before any of the module's backward:
+            # the end-of-backward callback then belongs to the outer pass, also when activation
+            # checkpointing runs nested backward passes. The outputs themselves are left alone.
+            torch.autograd.graph.register_multi_grad_hook(outputs, functools.partial(_output_grad, weakref.ref(self)),
+                                                          mode="any")
+        return out
 
     @contextlib.contextmanager
     def no_sync(self):
