@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastcore.distributed.buckets import Bucket, assign_buckets
-from fastcore.ops.pack import pack
+from fastcore.ops.pack import pack_unchecked as pack  # DataParallel builds its arguments
 
 _COMPRESS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _EAGER_COPY_BYTES = 1 << 20  # a copy this large costs far more than its own launch
@@ -66,7 +66,7 @@ def _same_layout(t: Tensor, view: Tensor) -> bool:
 
 def _memory(t: Tensor, view: Tensor) -> Tensor:
     """``t``'s elements as a 1-D tensor in the memory order of ``view`` (a bucket view of its shape)."""
-    if not _same_layout(t, view):  # a gradient set by hand in another layout than the parameter's
+    if t.stride() != view.stride() and not _same_layout(t, view):  # a gradient set by hand in another layout
         t = torch.empty_like(view, dtype=t.dtype).copy_(t)
     return t.as_strided((t.numel(),), (1,))
 

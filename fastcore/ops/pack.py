@@ -30,6 +30,12 @@ def pack(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float = 1.0, *, 
     The maths is float32 (float64 when either side is float64), rounded once to nearest even.
     """
     _check(srcs, dsts, scale)
+    pack_unchecked(srcs, dsts, scale, backend)
+
+
+@torch.no_grad()
+def pack_unchecked(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float = 1.0, backend: str = "auto") -> None:
+    """``pack`` for callers that build valid arguments themselves (DataParallel, every step)."""
     if not srcs:
         return
     device, src_dtype, dst_dtype = srcs[0].device, srcs[0].dtype, dsts[0].dtype
