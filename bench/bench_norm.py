@@ -74,13 +74,13 @@ def _liger(op, device):
 
     def load():
         if op == "layer_norm":
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction as Fn
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
-            return lambda x, w, b: Fn.apply(x, w, b, EPS)
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction as Fn
+            return lambda x, w, b: LigerLayerNormFunction.apply(x, w, b, EPS)
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
         # offset 0, casting mode "llama", and not in place: in place would overwrite the shared dy.
-        return lambda x, w, b: Fn.apply(x, w, EPS, 0.0, "llama", False)
+        return lambda x, w, b: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)
     return peer("liger-kernel", load)
 
 

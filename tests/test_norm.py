@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import fastcore
 from fastcore import reference
-from conftest import HAS_GPU, assert_close, device_backends, poison
+from conftest import assert_close, device_backends, poison
 
 OPS = ["layer_norm", "rms_norm"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
