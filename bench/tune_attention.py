@@ -36,16 +36,33 @@ TOLERANCE = 1e-2  # relative error of 16-bit results: the tests' bound for bf16 
 CHECK_LENGTH = 257  # the correctness check's sequence: not a multiple of any block, and small for float64
 
 
+# fp32 values a thread may keep live across a kernel's loop (accumulators and score tiles): of its 255
+# registers the rest hold operands and addresses. Compiled ahead of time for sm_90 (Triton 3.9, the
+# launchers' own arguments and specialisation, bf16), the candidates over this bound were those that
+# spilled: 26 of 84 at head dim 128 and 8 of 84 at 64, all but two spills of 8-16 bytes, and the 6
+# over it that did not spill used 246-255 registers.
+MAX_LIVE_FP32 = 160
+
+
+def live_fp32(kind: str, block_m: int, block_n: int, num_warps: int, head_dim: int) -> float:
+    """fp32 values per thread that a config keeps live: the forward's output block and scores, dK/dV's
+    two accumulators and two score tiles, dQ's accumulator and two score tiles."""
+    d = max(16, 1 << (head_dim - 1).bit_length())  # padded, as the kernels pad it
+    held = {"fwd": block_m * (d + block_n), "dkdv": 2 * block_n * (d + block_m), "dq": block_m * (d + 2 * block_n)}
+    return held[kind] / (32 * num_warps)
+
+
 def candidates(kind: str, head_dim: int) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. The forward keeps a 128-row query block, dK/dV
     a long key block and dQ a long query block (see the tables); head dim 256 keeps to the smaller
-    tiles that fit shared memory. On sm_90 each forward config is also tried through TMA (a fifth
-    element, True); those take more shared memory (each key loop keeps its own ring of tiles), so the
-    long key blocks with deep pipelines are expected to be skipped as out of resources."""
+    tiles that fit shared memory, and configs that would spill registers (``live_fp32``) are left out.
+    On sm_90 each forward config is also tried through TMA (a fifth element, True); those take more
+    shared memory (each key loop keeps its own ring of tiles), so the long key blocks with deep
+    pipelines are expected to be skipped as out of resources."""
     ms, ns, stages = {"fwd": ((64 if head_dim >= 256 else 128,), (32, 64, 128), (2, 3, 4)),
                       "dkdv": ((16, 32, 64), (64, 128), (2, 3)), "dq": ((64, 128), (16, 32, 64), (2, 3))}[kind]
     plain = [(m, n, warps, s) for m, n, warps, s in itertools.product(ms, ns, (4, 8), stages)
-             if head_dim < 256 or m * n <= 64 * 64]
+             if (head_dim < 256 or m * n <= 64 * 64) and live_fp32(kind, m, n, warps, head_dim) <= MAX_LIVE_FP32]
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     return plain + [(*c, True) for c in plain] if kind == "fwd" and hopper else plain  # and through TMA
 
@@ -149,7 +166,8 @@ def search(kind: str, head_dim: int, causal: bool, lengths: list[int], dtype: to
 def tune(head_dim: int, causal: bool, lengths: list[int], dtype: torch.dtype, device: str = "cuda",
          timer: Callable = cuda_ms, cands: Callable = candidates, **shape) -> dict:
     """The best forward, dK/dV and dQ configs for one (head dim, causal, dtype), each kind searched
-    with the others at the best found so far (at first the table's, or the interpreter's)."""
+    with the others at the best found so far (at first the table's, or the interpreter's); the
+    table's own entry is always among the candidates."""
     from fastcore.kernels import attention as kernels
 
     probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
@@ -157,7 +175,9 @@ def tune(head_dim: int, causal: bool, lengths: list[int], dtype: torch.dtype, de
     base["dkdv"], base["dq"] = kernels._bwd_configs(probe, causal)
     out = {}
     for kind in KINDS:
-        out[kind] = search(kind, head_dim, causal, lengths, dtype, device, cands(kind, head_dim), base, timer, **shape)
+        tried = [tuple(c) for c in cands(kind, head_dim)]
+        tried = tried if tuple(base[kind]) in tried else [tuple(base[kind]), *tried]  # the table's entry competes
+        out[kind] = search(kind, head_dim, causal, lengths, dtype, device, tried, base, timer, **shape)
         if out[kind]["best"] is not None:
             base[kind] = out[kind]["best"]
     out["table"] = {kind: list(base[kind]) for kind in KINDS}

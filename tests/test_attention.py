@@ -265,20 +265,27 @@ def test_triton_custom_op_under_compile_and_opcheck(device, backend):
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
 def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, backend):
     """The tuner (bench/tune_attention.py) on small shapes: forced configs compute the right answer,
-    a config that cannot compile is skipped with its reason, and each kind's winner is one it timed."""
+    a config that cannot compile is skipped with its reason, the table's entry competes, and each
+    kind's winner is the best one it timed."""
     from fastcore.bench import tune_attention as tune
 
     from fastcore.kernels import attention as kernels
 
     bad = (24, 16, 4, 1)  # tl.arange needs power-of-two blocks
-    # Neither winner is the interpreter's default, so a search that kept the default would fail here.
     cands = {"fwd": [(16, 16, 4, 1), (16, 32, 4, 1), bad], "dkdv": [(32, 32, 4, 1), (24, 32, 4, 1)],
              "dq": [(16, 16, 4, 1), (24, 16, 4, 1)]}
+    table = {"fwd": kernels._INTERPRET_FWD, "dkdv": kernels._INTERPRET_BWD[0], "dq": kernels._INTERPRET_BWD[1]}
+    if device == "cuda":
+        probe = torch.empty(1, 1, 1, 16, dtype=torch.float16, device=device)
+        table["fwd"], (table["dkdv"], table["dq"]) = kernels._fwd_config(probe, True), kernels._bwd_configs(probe, True)
     found = tune.tune(16, True, [33], torch.float16, device, timer=tune.host_ms if device == "cpu" else tune.cuda_ms,
                       cands=lambda kind, d: cands[kind], check_length=17, tokens=66, hidden=32)
     for kind, good in (("fwd", {(16, 16, 4, 1), (16, 32, 4, 1)}), ("dkdv", {(32, 32, 4, 1)}), ("dq", {(16, 16, 4, 1)})):
+        good = good | {tuple(table[kind])}  # the table's entry competes, first
         tried = {tuple(e["config"]): e for e in found[kind]["tried"]}
-        assert all("score" in tried[c] for c in good) and found[kind]["best"] in good, (kind, tried)
+        assert list(tried) == list(dict.fromkeys([tuple(table[kind]), *cands[kind]])), (kind, list(tried))
+        assert all("score" in tried[c] for c in good), (kind, tried)
+        assert found[kind]["best"] == max(good, key=lambda c: tried[c]["score"]), (kind, tried)
         assert all("skipped" in e and "score" not in e for c, e in tried.items() if c not in good), (kind, tried)
         assert found["table"][kind] == list(found[kind]["best"])
     assert kernels._forced == {}  # every forced config was put back
@@ -293,6 +300,20 @@ def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, b
     assert tune.check("dq", (grads[0], grads[1] * 2, grads[2]), q, k, v, do, True).startswith("dk: relative error")
     if not torch.cuda.is_available():
         assert tune.main([]) == 2  # the search itself needs a GPU: it says so instead of timing the interpreter
+
+
+def test_block_size_candidates_leave_out_configs_that_would_spill_registers():
+    """At head dim 128 the bound drops the 4-warp tiles that spilled when compiled for sm_90 and keeps
+    the 8-warp ones that did not (see tune_attention.MAX_LIVE_FP32)."""
+    from fastcore.bench import tune_attention as tune
+
+    spilled = {"fwd": (128, 64, 4, 3), "dkdv": (32, 128, 4, 2), "dq": (128, 32, 4, 2)}
+    kept = {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)}
+    for kind in tune.KINDS:
+        cands = tune.candidates(kind, 128)
+        assert spilled[kind] not in cands and kept[kind] in cands, (kind, cands)
+        assert all(tune.live_fp32(kind, *c[:3], 128) <= tune.MAX_LIVE_FP32 for c in cands)
+    assert tune.live_fp32("fwd", 128, 64, 8, 80) == tune.live_fp32("fwd", 128, 64, 8, 128)  # padded head dim
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
