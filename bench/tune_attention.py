@@ -55,12 +55,14 @@ def live_fp32(kind: str, block_m: int, block_n: int, num_warps: int, head_dim: i
 def candidates(kind: str, head_dim: int) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) to try. The forward keeps a 128-row query block, dK/dV
     a long key block and dQ a long query block (see the tables); head dim 256 keeps to the smaller
-    tiles that fit shared memory, and configs that would spill registers (``live_fp32``) are left out.
+    tiles that fit shared memory (its dK/dV table entry, 64 keys, spilled in the sm_90 compile; 32 did
+    not), and configs that would spill registers (``live_fp32``) are left out.
     On sm_90 each forward config is also tried through TMA (a fifth element, True); those take more
     shared memory (each key loop keeps its own ring of tiles), so the long key blocks with deep
     pipelines are expected to be skipped as out of resources."""
     ms, ns, stages = {"fwd": ((64 if head_dim >= 256 else 128,), (32, 64, 128), (2, 3, 4)),
-                      "dkdv": ((16, 32, 64), (64, 128), (2, 3)), "dq": ((64, 128), (16, 32, 64), (2, 3))}[kind]
+                      "dkdv": ((16, 32, 64), (32, 64) if head_dim >= 256 else (64, 128), (2, 3)),
+                      "dq": ((64, 128), (16, 32, 64), (2, 3))}[kind]
     plain = [(m, n, warps, s) for m, n, warps, s in itertools.product(ms, ns, (4, 8), stages)
              if (head_dim < 256 or m * n <= 64 * 64) and live_fp32(kind, m, n, warps, head_dim) <= MAX_LIVE_FP32]
     hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
