@@ -292,7 +292,7 @@ class Towers(nn.Module):
         return {"dataclass": Pair(a, b), "dict subclass": AttrDict(a=a, b=b), "sum": a + b}[kind]
 
 
-def _towers_loss(case, m, x, seen):
+def _towers_loss(case, m, x, seen, scale=1.0):
     temperature = getattr(m, "module", m).logit_scale  # used after the forward in some cases
     if case in ("dataclass", "dict subclass"):
         out = m(x, case)
@@ -302,15 +302,33 @@ def _towers_loss(case, m, x, seen):
         return m(x, "sum").mul_(2).relu_().square().sum()
     if case == "two forwards, one backward":
         return (m(x, "img") * m(x, "txt")).sum() * temperature
+    if case == "a gradient penalty through autograd.grad":  # reaches no parameter: reduces nothing
+        x = x.clone().requires_grad_()
+        out = m(x, "sum")
+        (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return out.sum() + dx.square().sum()
+    if case.endswith("checkpointing around the wrapper"):  # its forward runs again inside the backward
+        reentrant = case.startswith("reentrant")
+        x = x.clone().requires_grad_() if reentrant else x  # reentrant checkpointing needs one
+        return torch.utils.checkpoint.checkpoint(m, x, "sum", use_reentrant=reentrant).square().sum()
     a, b = m(x, "pair")
-    if case == "parameter used after the forward":
+    if case == "an evaluation forward before the backward":
+        with torch.no_grad():
+            m(x, "sum")
+    if case == "a second loss through kept outputs":  # two passes, each averaged
+        ((a * b).sum() * temperature.exp() * scale).backward(retain_graph=True)
+        return (a * b).square().sum() * temperature
+    if case in ("parameter used after the forward", "an evaluation forward before the backward"):
         return (a * b).sum() * temperature.exp()
     b.register_hook(lambda g: seen.append(case))  # "an unused output": no gradient may reach it
     return a.sum() * temperature
 
 
 TOWER_CASES = ("dataclass", "dict subclass", "in-place on the output", "two forwards, one backward",
-               "parameter used after the forward", "an unused output")
+               "parameter used after the forward", "an unused output", "a gradient penalty through autograd.grad",
+               "reentrant checkpointing around the wrapper", "non-reentrant checkpointing around the wrapper",
+               "an evaluation forward before the backward",
+               "a second loss through kept outputs")
 
 
 def outputs(rank, world, opts):
@@ -331,11 +349,56 @@ def outputs(rank, world, opts):
             torch.manual_seed(0)
             ref = Towers()
             for r in range(world):
-                (_towers_loss(case, ref, shard(x, r, world), []) / world).backward()
+                (_towers_loss(case, ref, shard(x, r, world), [], 1 / world) / world).backward()
             result[case] = max(rel_err(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), ref.parameters())
                                if not (case == "an unused output" and n.startswith("txt.")))
     result["unused output got a gradient"] = seen
     return result
+
+
+class _Boom(torch.autograd.Function):
+    """Identity whose backward raises once: a backward pass that stops midway."""
+    armed = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if _Boom.armed:
+            _Boom.armed = False
+            raise ValueError("boom")
+        return g
+
+
+def interrupted(rank, world, opts):
+    """A backward that raised midway (some buckets already in flight), then normal steps: each one's
+    gradients are the global batch's, and a frozen wrapped module in the loss starts no reduction."""
+    torch.manual_seed(0)
+    model, pre = Net(), nn.Linear(5, 5)
+    ref = copy.deepcopy(model)
+    dp = DataParallel(model, bucket_cap_mb=1e-4, first_bucket_mb=1e-4)
+    errors, errs = [], []
+    for step in range(3):
+        x, y = data(step)
+        xs, ys = shard(x, rank, world), shard(y, rank, world)
+        try:
+            loss_fn(dp, _Boom.apply(xs.clone().requires_grad_()), ys, use_unused=True).backward()  # raises last
+        except ValueError as e:
+            errors.append(str(e))
+            model.zero_grad()
+            continue
+        for r in range(world):
+            (loss_fn(ref, shard(x, r, world), shard(y, r, world), use_unused=True) / world).backward()
+        errs.append(max(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters())))
+        model.zero_grad(set_to_none=False)
+        ref.zero_grad()
+    model.requires_grad_(False)  # frozen, as a GAN's discriminator in the generator's step
+    loss_fn(dp, pre(xs), ys, use_unused=True).backward()
+    return {"errors": errors, "errs": errs,
+            "frozen grads untouched": all(p.grad is None or not p.grad.any() for p in model.parameters()),
+            "pre has a gradient": pre.weight.grad is not None}
 
 
 def evaluate(rank, world, opts):
@@ -418,7 +481,7 @@ def module(rank, world, opts):
 
 
 SCENARIOS = {"module": module, "outputs": outputs, "evaluate": evaluate, "copies": copies, "lifecycle": lifecycle,
-             "user_hooks": user_hooks,
+             "user_hooks": user_hooks, "interrupted": interrupted,
              "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
              "layouts": layouts, "mismatch": mismatch}

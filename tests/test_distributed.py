@@ -164,6 +164,13 @@ def test_the_parameters_own_hooks_see_the_local_gradient(tmp_path, dp):
         assert r["err"] <= 1e-6, r
 
 
+def test_a_backward_that_raised_midway_leaves_the_next_steps_right(tmp_path):
+    for r in run_ranks("interrupted", 2, tmp_path):
+        assert r["errors"] == ["boom"]
+        assert len(r["errs"]) == 2 and max(r["errs"]) <= 1e-5, r["errs"]
+        assert r["frozen grads untouched"] and r["pre has a gradient"]
+
+
 def test_ranks_evaluating_different_numbers_of_batches_do_not_wait_for_each_other(tmp_path):
     results = run_ranks("evaluate", 2, tmp_path)
     assert results[0]["grad"] == pytest.approx(results[1]["grad"], rel=1e-6)

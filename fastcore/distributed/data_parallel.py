@@ -107,29 +107,40 @@ class _GpuClock:
         return a.elapsed_time(b)
 
 
-def _find_tensors(out) -> list[Tensor]:
+def _find_tensors(out, depth: int = 0) -> list[Tensor]:
     """The tensors of a forward's output, as DDP finds them: in tuples, lists, mappings (a Hugging Face
-    ModelOutput) and dataclasses, at any depth."""
+    ModelOutput) and dataclasses, and here also in the attributes of a plain output object."""
     if isinstance(out, Tensor):
         return [out]
+    if depth > 8 or isinstance(out, (nn.Module, str, bytes)):
+        return []
     if isinstance(out, (list, tuple)):
         items = out
     elif isinstance(out, Mapping):
         items = out.values()
     elif dataclasses.is_dataclass(out) and not isinstance(out, type):
         items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif hasattr(out, "__dict__") and not isinstance(out, type):
+        items = vars(out).values()
     else:
         return []
-    return [t for item in items for t in _find_tensors(item)]
+    return [t for item in items for t in _find_tensors(item, depth + 1)]
 
 
 # Hooks hold the wrapper weakly: a dropped wrapper is freed, with its buckets, and its hooks removed.
+# torch.compile leaves them to eager mode: they start collectives and queue callbacks.
+@torch.compiler.disable
 def _output_grad(ref, grad) -> None:
     dp = ref()
-    if dp is not None and not dp._in_backward:
-        dp._start_backward()
+    # The end of this (outer) pass is queued here; the pass itself starts with its first parameter
+    # gradient, so one that reaches no parameter (autograd.grad with respect to the inputs, a frozen
+    # module such as a GAN's discriminator in the generator's step) reduces nothing.
+    if dp is not None and not dp._in_backward and not dp._queued:
+        dp._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(dp._finish_backward)
 
 
+@torch.compiler.disable
 def _param_grad(ref, i: int, grad_inputs, grad_outputs) -> None:
     dp = ref()
     if dp is not None:
@@ -158,9 +169,10 @@ class DataParallel(nn.Module):
     - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``,
       which reduces zeros for them.
     - A reducing forward (outside ``no_sync()``, with grad enabled) arms the next backward. The
-      first gradient of any output tensor (found in tuples, lists, mappings, dataclasses) starts
-      the reduction, or else the first parameter gradient. Buffers are broadcast from rank 0
-      before each reducing forward only, so evaluation under ``torch.no_grad()`` never waits.
+      first gradient of an output tensor (in tuples, lists, mappings, dataclasses, objects) queues
+      the end of the pass in the outer backward; the first parameter gradient starts it, so a
+      backward that reaches no parameter reduces nothing. Buffers are broadcast from rank 0 before
+      each reducing forward only, so evaluation under ``torch.no_grad()`` never waits.
     - ``stats`` after each step: bucket count and bytes, communication and backward time, and the
       fraction of the all-reduce time that overlapped the backward pass.
     """
@@ -215,6 +227,8 @@ class DataParallel(nn.Module):
         self._sync = True
         self._in_backward = False
         self._armed = False  # a reducing forward ran and its backward has not finished
+        self._early: list = []  # (graph task, parameter) whose gradient came before the pass started
+        self._queued = False  # the end-of-backward callback is queued
         # Hooks on the gradient accumulators, as DDP's: they run after the parameters' own hooks, which
         # see the local gradient. Kept here, since a parameter holds its accumulator weakly.
         with torch.enable_grad():
@@ -232,7 +246,7 @@ class DataParallel(nn.Module):
     # Rebuilt by _attach; a process group cannot be pickled.
     _RUNTIME = ("process_group", "_names", "_params", "_buckets", "_bucket_of", "_views", "_flats", "_bucket_data",
                 "_wire", "_wire_slices", "_grad_accs", "_handles", "_clock", "_stats", "_pending_stats", "_works", "_ready",
-                "_scaled", "_order_seen", "_pending", "_next", "_t_backward", "_in_backward", "_armed")
+                "_scaled", "_order_seen", "_pending", "_next", "_t_backward", "_in_backward", "_armed", "_early", "_queued")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -303,8 +317,11 @@ class DataParallel(nn.Module):
     # ------------------------------------------------------------ the backward pass
     def _on_grad(self, i: int) -> None:
         if not self._in_backward:
-            if not self._armed:
-                return  # a backward through a forward taken under no_sync() or without grad
+            if not (self._armed or self._queued):
+                # A backward through a forward taken under no_sync() or without grad; or a parameter
+                # used after the forward, whose gradient came before the outputs' hook in a later pass.
+                self._early.append((torch._C._current_graph_task_id(), i))
+                return
             # A parameter used after the forward (a learnable temperature in the loss) can come
             # before the outputs' hook, and an output the hook cannot see never fires it.
             self._start_backward()
@@ -343,7 +360,12 @@ class DataParallel(nn.Module):
         self._next = 0
         self._works: list = []
         self._t_backward = self._clock.now()
-        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        task, early, self._early = torch._C._current_graph_task_id(), self._early, []
+        for i in dict.fromkeys(i for t, i in early if t == task):  # came earlier in this same pass
+            self._on_grad(i)
 
     def _launch_ready(self) -> None:
         """Start every bucket whose gradients are all in, in bucket order (the same on every rank)."""
@@ -382,7 +404,11 @@ class DataParallel(nn.Module):
         work = dist.all_reduce(wire, group=self.process_group, async_op=True)
         self._works.append((b, work, {"bucket": b, "start": start, "end": self._clock.end_of(work)}))
 
+    @torch.compiler.disable
     def _finish_backward(self) -> None:
+        self._queued = False
+        if not self._in_backward:
+            return  # the pass reached no parameter
         self._in_backward = self._armed = False
         t_end = self._clock.now()
         unready = [i for i, ok in enumerate(self._ready) if not ok]
@@ -474,15 +500,23 @@ class DataParallel(nn.Module):
 
     # ------------------------------------------------------------ the module
     def forward(self, *args, **kwargs):
-        self._in_backward = False  # a backward that raised midway left its state behind
+        inside = torch._C._current_graph_task_id() != -1  # recomputed in a backward (checkpointing around us)
+        if inside and (self._in_backward or self._queued):
+            return self.module(*args, **kwargs)  # non-reentrant: the pass under way reduces it
+        if not inside:  # (reentrant: the nested backward through this forward is the one to reduce)
+            if self._in_backward:
+                self._abandon()
+            self._queued = False  # a pass that raised never ran its callback
         sync = self._sync and torch.is_grad_enabled()  # whether to reduce is decided here, as in DDP
-        if sync and self.broadcast_buffers:  # not when evaluating: ranks may run different numbers of batches
+        if sync and self.broadcast_buffers and not inside:  # not when evaluating: ranks may run different numbers of batches
             with torch.no_grad():
                 for t in self.module.buffers():
                     dist.broadcast(t, self._src, group=self.process_group)
         out = self.module(*args, **kwargs)
-        self._armed = sync
-        outputs = [t for t in _find_tensors(out) if t.requires_grad] if sync else []
+        if torch.is_grad_enabled():  # an evaluation forward between a forward and its backward changes nothing
+            self._armed, self._early = self._sync, []
+        # Leaves (a returned parameter) are left to their accumulator's hook: a hook on them would stay.
+        outputs = [t for t in _find_tensors(out) if t.requires_grad and t.grad_fn is not None] if sync else []
         if outputs:
             # The first output gradient starts the reduction, before any of the module's backward:
             # the end-of-backward callback then belongs to the outer pass, also when activation
@@ -490,6 +524,14 @@ class DataParallel(nn.Module):
             torch.autograd.graph.register_multi_grad_hook(outputs, functools.partial(_output_grad, weakref.ref(self)),
                                                           mode="any")
         return out
+
+    def _abandon(self) -> None:
+        """A backward pass raised midway. Its all-reduces still run (every rank issued the same ones,
+        in bucket order): wait for them, so that they cannot write into the next step's gradients."""
+        for _, work, _ in self._works:
+            with contextlib.suppress(Exception):
+                work.wait()
+        self._in_backward = False
 
     @contextlib.contextmanager
     def no_sync(self):
