@@ -518,9 +518,9 @@ class DataParallel(nn.Module):
         # Leaves (a returned parameter) are left to their accumulator's hook: a hook on them would stay.
         outputs = [t for t in _find_tensors(out) if t.requires_grad and t.grad_fn is not None] if sync else []
         if outputs:
-            # The first output gradient starts the reduction, before any of the module's backward:
-            # the end-of-backward callback then belongs to the outer pass, also when activation
-            # checkpointing runs nested backward passes. The outputs themselves are left alone.
+            # The first output gradient queues the end of the pass, before any of the module's backward:
+            # the callback then belongs to the outer pass, also when activation checkpointing runs
+            # nested backward passes. The outputs themselves are left alone.
             torch.autograd.graph.register_multi_grad_hook(outputs, functools.partial(_output_grad, weakref.ref(self)),
                                                           mode="any")
         return out
