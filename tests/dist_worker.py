@@ -117,7 +117,12 @@ def unused(rank, world, opts):
         loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
     except RuntimeError as exc:
         return {"error": str(exc)}
-    return {"unused_grad_zero": bool(torch.all(model.unused.weight.grad == 0))}
+    unused_everywhere = model.unused.weight.grad is None
+    model.zero_grad()
+    # Used on rank 0 only: reduced with zeros from the others (its gradient here is zero too: x 0).
+    loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_unused=rank == 0).backward()
+    return {"unused everywhere keeps None": unused_everywhere,
+            "used on one rank": model.unused.weight.grad is not None and not model.unused.weight.grad.any()}
 
 
 def double_backward(rank, world, opts):
@@ -130,7 +135,7 @@ def double_backward(rank, world, opts):
     except RuntimeError as exc:
         error = str(exc)
     model.zero_grad(set_to_none=True)
-    loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
+    loss_fn(dp, shard(x, rank, world), shard(y, rank, world), use_unused=True).backward()
     return {"error": error, "grads": all(p.grad is not None for p in model.parameters() if p.requires_grad)}
 
 

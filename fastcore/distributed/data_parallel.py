@@ -166,8 +166,9 @@ class DataParallel(nn.Module):
       ones of its bucket in one fused launch.
     - ``compress="bf16"`` or ``"fp16"`` sends each bucket in half precision, divided by the world
       size before sending so that the sum cannot overflow, then widens the result.
-    - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``,
-      which reduces zeros for them.
+    - Unused parameters raise an error naming them, unless ``find_unused_parameters=True``:
+      then a parameter unused on some ranks takes part with zeros there, and one no rank used
+      keeps its gradient (None stays None), as in DDP.
     - A reducing forward (outside ``no_sync()``, with grad enabled) arms the next backward. The
       first gradient of an output tensor (in tuples, lists, mappings, dataclasses, objects) queues
       the end of the pass in the outer backward; the first parameter gradient starts it, so a
@@ -412,6 +413,7 @@ class DataParallel(nn.Module):
         self._in_backward = self._armed = False
         t_end = self._clock.now()
         unready = [i for i, ok in enumerate(self._ready) if not ok]
+        had_none = [i for i in unready if self._params[i].grad is None]
         with torch.no_grad():
             # A parameter without a gradient in this backward still takes part, so that every rank
             # issues the same collectives: its gradient so far (accumulated under no_sync, or from
@@ -430,6 +432,8 @@ class DataParallel(nn.Module):
                 record["end"] = self._clock.now()
             if self._wire[b] is not self._bucket_data[b] or not self.gradient_as_bucket_view:
                 self._unpack(b)
+        if self.find_unused_parameters:
+            self._forget_unused(unready, had_none)
         self._record_stats(t_end)
         if not self._rebuilt:
             self._rebuild()
@@ -439,6 +443,16 @@ class DataParallel(nn.Module):
             raise RuntimeError(f"DataParallel: these parameters got no gradient in this backward pass: {names}. "
                                "Make every parameter take part in the loss, or pass "
                                "find_unused_parameters=True to reduce zeros for them.")
+
+    def _forget_unused(self, unready: list[int], had_none: list[int]) -> None:
+        """As DDP: a parameter that no rank used keeps the gradient it had, None included, so an
+        optimizer leaves it alone. Every rank sums the used flags (one small collective a pass)."""
+        used = torch.ones(len(self._params), dtype=torch.int32, device=self._bucket_data[0].device)
+        used[unready] = 0
+        dist.all_reduce(used, group=self.process_group)
+        for i in had_none:
+            if used[i] == 0:
+                self._params[i].grad = None
 
     def _poll(self) -> None:
         now = None
