@@ -47,7 +47,9 @@ MAX_LIVE_FP32 = 160
 def live_fp32(kind: str, block_m: int, block_n: int, num_warps: int, head_dim: int) -> float:
     """fp32 values per thread that a config keeps live: the forward's output block and scores, dK/dV's
     two accumulators and two score tiles, dQ's accumulator and two score tiles."""
-    d = max(16, 1 << (head_dim - 1).bit_length())  # padded, as the kernels pad it
+    from fastcore.kernels import attention as kernels
+
+    d = kernels._block_d(head_dim)  # padded, as the kernels pad it
     held = {"fwd": block_m * (d + block_n), "dkdv": 2 * block_n * (d + block_m), "dq": block_m * (d + 2 * block_n)}
     return held[kind] / (32 * num_warps)
 
@@ -165,16 +167,21 @@ def search(kind: str, head_dim: int, causal: bool, lengths: list[int], dtype: to
     return {"best": best, "tried": tried}
 
 
+def table(head_dim: int, causal: bool, dtype: torch.dtype, device: str) -> dict:
+    """The configs the kernels use now for these inputs: the table's on a GPU, the interpreter's on CPU."""
+    from fastcore.kernels import attention as kernels
+
+    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
+    dkdv, dq = kernels._bwd_configs(probe, causal)
+    return {"fwd": kernels._fwd_config(probe, causal), "dkdv": dkdv, "dq": dq}
+
+
 def tune(head_dim: int, causal: bool, lengths: list[int], dtype: torch.dtype, device: str = "cuda",
          timer: Callable = cuda_ms, cands: Callable = candidates, **shape) -> dict:
     """The best forward, dK/dV and dQ configs for one (head dim, causal, dtype), each kind searched
     with the others at the best found so far (at first the table's, or the interpreter's); the
     table's own entry is always among the candidates."""
-    from fastcore.kernels import attention as kernels
-
-    probe = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=device)
-    base = {"fwd": kernels._fwd_config(probe, causal)}
-    base["dkdv"], base["dq"] = kernels._bwd_configs(probe, causal)
+    base = table(head_dim, causal, dtype, device)
     out = {}
     for kind in KINDS:
         tried = [tuple(c) for c in cands(kind, head_dim)]

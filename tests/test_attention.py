@@ -274,10 +274,10 @@ def test_block_size_search_times_checked_candidates_and_skips_the_rest(device, b
     bad = (24, 16, 4, 1)  # tl.arange needs power-of-two blocks
     cands = {"fwd": [(16, 16, 4, 1), (16, 32, 4, 1), bad], "dkdv": [(32, 32, 4, 1), (24, 32, 4, 1)],
              "dq": [(16, 16, 4, 1), (24, 16, 4, 1)]}
-    table = {"fwd": kernels._INTERPRET_FWD, "dkdv": kernels._INTERPRET_BWD[0], "dq": kernels._INTERPRET_BWD[1]}
-    if device == "cuda":
-        probe = torch.empty(1, 1, 1, 16, dtype=torch.float16, device=device)
-        table["fwd"], (table["dkdv"], table["dq"]) = kernels._fwd_config(probe, True), kernels._bwd_configs(probe, True)
+    table = tune.table(16, True, torch.float16, device)
+    if device == "cpu":
+        assert table == {"fwd": kernels._INTERPRET_FWD, "dkdv": kernels._INTERPRET_BWD[0],
+                         "dq": kernels._INTERPRET_BWD[1]}
     found = tune.tune(16, True, [33], torch.float16, device, timer=tune.host_ms if device == "cpu" else tune.cuda_ms,
                       cands=lambda kind, d: cands[kind], check_length=17, tokens=66, hidden=32)
     for kind, good in (("fwd", {(16, 16, 4, 1), (16, 32, 4, 1)}), ("dkdv", {(32, 32, 4, 1)}), ("dq", {(16, 16, 4, 1)})):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastcore.distributed.buckets import Bucket, assign_buckets
-from fastcore.ops.pack import pack_unchecked as pack  # DataParallel builds its arguments
+from fastcore.ops.pack import pack_unchecked  # DataParallel builds valid arguments itself
 
 _COMPRESS = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _EAGER_COPY_BYTES = 1 << 20  # a copy this large costs far more than its own launch
@@ -391,7 +391,8 @@ class DataParallel(nn.Module):
                     buffer.mul_(scale)
             else:
                 if stray:
-                    pack([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray], scale)
+                    pack_unchecked([_memory(params[k].grad, views[k]) for k in stray], [slices[k] for k in stray],
+                                   scale)
                 in_place = [s for k, s in enumerate(slices) if k not in done]
                 if in_place and scale != 1.0:
                     torch._foreach_mul_(in_place, scale)
@@ -400,7 +401,7 @@ class DataParallel(nn.Module):
                         params[k].grad = views[k]
         else:
             # Compressing: every gradient scaled and narrowed into the wire buffer in one launch.
-            pack([_memory(p.grad, v) for p, v in zip(params, views)], slices, scale)
+            pack_unchecked([_memory(p.grad, v) for p, v in zip(params, views)], slices, scale)
         start = self._clock.now()
         work = dist.all_reduce(wire, group=self.process_group, async_op=True)
         self._works.append((b, work, {"bucket": b, "start": start, "end": self._clock.end_of(work)}))
@@ -471,7 +472,8 @@ class DataParallel(nn.Module):
         grads = [p.grad for p in params]
         srcs = self._wire_slices[b]
         same = [_same_layout(g, v) for g, v in zip(grads, views)]
-        pack([s for s, ok in zip(srcs, same) if ok], [_memory(g, v) for g, v, ok in zip(grads, views, same) if ok])
+        pack_unchecked([s for s, ok in zip(srcs, same) if ok],
+                       [_memory(g, v) for g, v, ok in zip(grads, views, same) if ok])
         for src, g, v, ok in zip(srcs, grads, views, same):
             if not ok:  # a gradient set by hand in another layout than its parameter's
                 g.copy_(src.as_strided(v.shape, v.stride()))
