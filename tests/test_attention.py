@@ -160,6 +160,37 @@ def test_torch_compile_fullgraph_with_backward(device, backend):
         assert_close(got, w, torch.float32, "compiled grad")
 
 
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+def test_autocast_casts_the_inputs_as_sdpa_does(device, backend):
+    """Under autocast, fp32 and mixed-dtype inputs run in the autocast dtype (bf16), as SDPA's do;
+    the gradients come back in each input's own dtype."""
+    q, k, v = make_qkv(1, 2, 1, 9, 13, 32, torch.float32, device)
+    v = v.detach().to(torch.bfloat16).requires_grad_()
+    with torch.autocast(device, torch.bfloat16):
+        out = fastcore.attention(q, k, v, causal=True, backend=backend)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                 is_causal=True)
+    assert out.dtype == sdpa.dtype == torch.bfloat16
+    want = fastcore.attention(*(t.detach().to(torch.bfloat16) for t in (q, k, v)), causal=True, backend=backend)
+    assert torch.equal(out, want)
+    dq, dk, dv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert (dq.dtype, dk.dtype, dv.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves, causal=True)
+    assert_close(out, ref, torch.bfloat16, f"{backend} autocast out")
+    for got, w in zip((dq, dk, dv), torch.autograd.grad(ref.sum(), leaves)):
+        assert_close(got, w, torch.bfloat16, f"{backend} autocast grad")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_triton_double_backward_is_refused_clearly(device, backend):
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 16, torch.float32, device)
+    out = fastcore.attention(q, k, v, backend=backend)
+    (dq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="triton backend has no double backward.*backend='reference'"):
+        torch.autograd.grad(dq.sum(), (q,))
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(k=torch.randn(1, 2, 8, 32), v=torch.randn(1, 2, 8, 32)), ValueError, "same head dim"),
     (dict(q=torch.randn(1, 3, 8, 16)), ValueError, r"q's heads \(3\) must be a multiple of k/v's heads \(2\)"),
@@ -213,6 +244,12 @@ def test_causal_self_attention_module():
 def test_module_rejects_bad_shapes(args, match):
     with pytest.raises(ValueError, match=match):
         fastcore.nn.CausalSelfAttention(*args)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (2, 5, 32), (1, 2, 5, 64)])
+def test_module_rejects_bad_input(shape):
+    with pytest.raises(ValueError, match=r"x must be \(batch, length, d_model=64\), got"):
+        fastcore.nn.CausalSelfAttention(64, 4)(torch.randn(shape))
 
 
 # ---------------------------------------------------------------- GPU

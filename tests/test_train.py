@@ -98,17 +98,43 @@ def test_rope_scores_depend_only_on_the_offset():
         CausalSelfAttention(32, 1, rope_base=0.5)
 
 
-def test_rope_against_a_float64_complex_rotation():
-    """Pair (i, i + D/2) at position p is turned by p * base^(-2i/D), as a complex number."""
-    from fastcore.nn import CausalSelfAttention
-
-    d, t, base = 16, 9, 10000.0
-    m = CausalSelfAttention(d, 1, rope_base=base)
-    x = torch.randn(2, 1, t, d)
+def _rotation_float64(x, base):
+    """Pair (i, i + D/2) at position p turned by p * base^(-2i/D), as a complex number."""
+    d, t = x.shape[-1], x.shape[-2]
     z = torch.complex(x[..., : d // 2].double(), x[..., d // 2:].double())
     angles = torch.arange(t, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     expect = z * torch.polar(torch.ones_like(angles), angles)
-    assert_close(m._rotate(x), torch.cat((expect.real, expect.imag), dim=-1), torch.float32)
+    return torch.cat((expect.real, expect.imag), dim=-1)
+
+
+def test_rope_against_a_float64_complex_rotation():
+    from fastcore.nn import CausalSelfAttention
+
+    m = CausalSelfAttention(16, 1, rope_base=10000.0)
+    x = torch.randn(2, 1, 9, 16)
+    assert_close(m._rotate(x), _rotation_float64(x, 10000.0), torch.float32)
+
+
+@pytest.mark.parametrize("made", ["to_bf16", "dtype_bf16", "meta_then_load"])
+def test_rope_angles_stay_fp32_however_the_module_is_made(made):
+    """.to(bf16) must not narrow the frequencies (a bf16 angle is off by radians at position 500), and
+    a module built on the meta device then loaded must rotate as the one it was loaded from."""
+    from fastcore.nn import CausalSelfAttention
+
+    torch.manual_seed(0)
+    d, t, base = 16, 512, 10000.0
+    ref = CausalSelfAttention(d, 1, rope_base=base)
+    if made == "meta_then_load":
+        m = CausalSelfAttention(d, 1, rope_base=base, device="meta").to_empty(device="cpu")
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(1, t, d)
+        assert_close(m(x), ref(x), torch.float32, "meta-built module")
+        dtype = torch.float32
+    else:
+        m = ref.to(torch.bfloat16) if made == "to_bf16" else CausalSelfAttention(d, 1, rope_base=base, dtype=torch.bfloat16)
+        dtype = torch.bfloat16
+    x = torch.randn(1, 1, t, d).to(dtype)
+    assert_close(m._rotate(x), _rotation_float64(x, base).to(dtype), dtype, made)
 
 
 def test_generate_crops_to_block_size_and_greedy_is_argmax():

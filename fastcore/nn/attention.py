@@ -29,15 +29,15 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"CausalSelfAttention: head dim d_model / n_heads = {self.head_dim} must be one of {HEAD_DIMS}")
         if rope_base is not None and not rope_base > 1:
             raise ValueError(f"CausalSelfAttention: rope_base must be > 1 or None, got {rope_base}")
-        self.backend, self.rope_base = backend, rope_base
-        if rope_base is not None:
-            inv_freq = rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
-            self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.d_model, self.backend, self.rope_base = d_model, backend, rope_base
         factory = dict(device=device, dtype=dtype)
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias, **factory)
         self.proj = nn.Linear(d_model, d_model, bias=bias, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"CausalSelfAttention: x must be (batch, length, d_model={self.d_model}), got {got}")
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
                                      self.n_kv_heads * self.head_dim], dim=-1)
@@ -52,8 +52,12 @@ class CausalSelfAttention(nn.Module):
         return attention(q, k, v, causal=True, backend=self.backend)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        # Angles in fp32 whatever the activations' dtype: positions up to ~1e5 stay exact.
-        angles = torch.outer(torch.arange(x.shape[-2], device=x.device, dtype=torch.float32), self.inv_freq)
+        # Angles in fp32 whatever the activations' or the module's dtype: positions up to ~1e5 stay
+        # exact. The frequencies are made here, not kept in a buffer, which .to(bf16) would narrow
+        # and a meta-device build (to_empty) would leave unset.
+        d = self.head_dim
+        inv_freq = self.rope_base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+        angles = torch.outer(torch.arange(x.shape[-2], device=x.device, dtype=torch.float32), inv_freq)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -31,9 +31,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     ``h // (Hq // Hkv)``. ``scale`` defaults to ``1/sqrt(D)``. ``causal=True`` masks key ``j`` for
     query ``i`` when ``j > i + (Tk - Tq)``: aligned to the bottom-right as in FlashAttention, which
     equals SDPA's ``is_causal=True`` when ``Tq == Tk``. A query that sees no key outputs zeros.
-    Under ``torch.autocast`` the ``cpu`` backend follows SDPA's autocast rule; ``triton`` computes in
-    the dtype of its inputs.
+    Under ``torch.autocast`` every backend follows SDPA's rule: inputs other than float64 are cast
+    to the autocast dtype first.
     """
+    q, k, v = _autocast(q, k, v)
     _check_args(q, k, v, causal, scale)
     causal = bool(causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -43,6 +44,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     if name == "cpu":
         return _sdpa(q, k, v, causal, scale)
     return torch.ops.fastcore.attention_fwd(q, k, v, causal, scale)[0]
+
+
+def _autocast(q, k, v) -> tuple:
+    if not isinstance(q, Tensor) or q.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (q, k, v))
 
 
 def _check_args(q, k, v, causal, scale) -> None:
@@ -139,3 +148,11 @@ def _backward(ctx, do, _dlse):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("attention: the triton backend has no double backward (a gradient of a gradient taken "
+                       "with create_graph=True); use backend='reference' for that")
+
+
+_bwd.register_autograd(_no_double_backward)
