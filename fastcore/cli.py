@@ -157,10 +157,11 @@ def _run_trainer_command(args) -> int:
                       f"final loss {result['loss']:.4f}, val loss {result['val_loss']:.4f}; "
                       f"{result['tokens_per_s']:,.0f} tokens/s; run in {result['out']}")
     except (TrainError, data.DataError, checkpoint.CheckpointError) as exc:
-        print(f"fastcore {args.command}: {exc}", file=sys.stderr)
+        # One write: under torchrun every rank prints it to one unbuffered stderr, and lines must not interleave.
+        sys.stderr.write(f"fastcore {args.command}: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        print(f"fastcore {args.command}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"fastcore {args.command}: interrupted\n")
         return 130
     return 0
 

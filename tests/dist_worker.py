@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import sys
+import time
 import weakref
 from datetime import timedelta
 
@@ -485,11 +486,40 @@ def module(rank, world, opts):
             "loaded": model[1].running_mean.abs().sum().item()}
 
 
+class _SlowBackward(torch.autograd.Function):
+    """The identity, whose backward takes SLOW_S with no parameter of its own: as a compiled graph's
+    backward, which computes everything before it hands out the parameters' gradients."""
+    SLOW_S = 0.2
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(_SlowBackward.SLOW_S)
+        return g
+
+
+class _Slow(nn.Module):
+    def forward(self, x):
+        return _SlowBackward.apply(x)
+
+
+def backward_time(rank, world, opts):
+    """stats' backward time counts from the outputs' first gradient, not from the first parameter's."""
+    dp = DataParallel(nn.Sequential(nn.Linear(5, 3), _Slow()))
+    for step in range(2):
+        x, y = data(step)
+        loss_fn(dp, x, y).backward()
+    return {"backward_ms": dp.stats["backward_ms"], "slow_ms": _SlowBackward.SLOW_S * 1e3}
+
+
 SCENARIOS = {"module": module, "outputs": outputs, "evaluate": evaluate, "copies": copies, "lifecycle": lifecycle,
              "user_hooks": user_hooks, "interrupted": interrupted,
              "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
-             "layouts": layouts, "mismatch": mismatch}
+             "layouts": layouts, "mismatch": mismatch, "backward_time": backward_time}
 
 
 def main():

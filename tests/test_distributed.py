@@ -139,6 +139,13 @@ def test_nccl_at_world_size_one_reduces_and_times_on_the_gpu_timeline():
     assert r["buckets"] >= 2 and r["comm_ms"] > 0 and r["backward_ms"] > 0 and 0 <= r["overlap"] <= 1, r
 
 
+def test_stats_backward_time_counts_from_the_outputs_gradient(tmp_path):
+    """Parameter-free work inside the module before its first parameter gradient (a compiled graph's
+    whole backward) is part of the backward that the all-reduces should overlap."""
+    for r in run_ranks("backward_time", 2, tmp_path):
+        assert r["backward_ms"] >= r["slow_ms"], r
+
+
 def test_the_wrapper_is_a_module_whose_state_is_the_wrapped_ones(tmp_path):
     [r] = run_ranks("module", 1, tmp_path)
     assert r["same"] and r["loaded"] == 0.0

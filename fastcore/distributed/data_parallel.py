@@ -137,6 +137,7 @@ def _output_grad(ref, grad) -> None:
     # module such as a GAN's discriminator in the generator's step) reduces nothing.
     if dp is not None and not dp._in_backward and not dp._queued:
         dp._queued = True
+        dp._t_outputs = dp._clock.now()  # the module's backward starts here, before any parameter's gradient
         torch.autograd.Variable._execution_engine.queue_callback(dp._finish_backward)
 
 
@@ -230,6 +231,7 @@ class DataParallel(nn.Module):
         self._armed = False  # a reducing forward ran and its backward has not finished
         self._early: list = []  # (graph task, parameter) whose gradient came before the pass started
         self._queued = False  # the end-of-backward callback is queued
+        self._t_outputs = None  # when the outputs got their first gradient in the pass under way
         # Hooks on the gradient accumulators, as DDP's: they run after the parameters' own hooks, which
         # see the local gradient. Kept here, since a parameter holds its accumulator weakly.
         with torch.enable_grad():
@@ -247,7 +249,7 @@ class DataParallel(nn.Module):
     # Rebuilt by _attach; a process group cannot be pickled.
     _RUNTIME = ("process_group", "_names", "_params", "_buckets", "_bucket_of", "_views", "_flats", "_bucket_data",
                 "_wire", "_wire_slices", "_grad_accs", "_handles", "_clock", "_stats", "_pending_stats", "_works", "_ready",
-                "_scaled", "_order_seen", "_pending", "_next", "_t_backward", "_in_backward", "_armed", "_early", "_queued")
+                "_scaled", "_order_seen", "_pending", "_next", "_t_backward", "_t_outputs", "_in_backward", "_armed", "_early", "_queued")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -360,7 +362,7 @@ class DataParallel(nn.Module):
         self._pending = [len(b.params) for b in self._buckets]
         self._next = 0
         self._works: list = []
-        self._t_backward = self._clock.now()
+        self._t_backward = self._clock.now() if self._t_outputs is None else self._t_outputs
         if not self._queued:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
@@ -408,7 +410,7 @@ class DataParallel(nn.Module):
 
     @torch.compiler.disable
     def _finish_backward(self) -> None:
-        self._queued = False
+        self._queued, self._t_outputs = False, None
         if not self._in_backward:
             return  # the pass reached no parameter
         self._in_backward = self._armed = False
@@ -498,7 +500,8 @@ class DataParallel(nn.Module):
     @property
     def stats(self) -> dict:
         """The last reducing backward pass: bucket count and bytes, the time its all-reduces were in
-        flight, the backward's time, and the fraction of the former that overlapped the latter."""
+        flight, the backward's time (from the outputs' first gradient), and the fraction of the former
+        that overlapped the latter."""
         if self._pending_stats is not None:
             self._stats, self._pending_stats = self._pending_stats(), None
         return self._stats
@@ -522,7 +525,7 @@ class DataParallel(nn.Module):
         if not inside:  # (reentrant: the nested backward through this forward is the one to reduce)
             if self._in_backward:
                 self._abandon()
-            self._queued = False  # a pass that raised never ran its callback
+            self._queued, self._t_outputs = False, None  # a pass that raised never ran its callback
         sync = self._sync and torch.is_grad_enabled()  # whether to reduce is decided here, as in DDP
         if sync and self.broadcast_buffers and not inside:  # not when evaluating: ranks may run different numbers of batches
             with torch.no_grad():

@@ -204,17 +204,24 @@ class Batches:
 def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
     """A prepared data directory: the default corpus, a prepared directory given by --data, or
     raw inputs prepared (byte tokenizer) into ``OUT/data`` and reused while they are unchanged.
-    Rank 0 prepares; the others wait for it."""
+    Rank 0 prepares; the others wait for it, and stop with its error if it fails."""
     if len(c.data) == 1 and (Path(c.data[0]) / "meta.json").is_file():
         return Path(c.data[0])
-    target = Path(c.out) / "data"
+    target, error = Path(c.out) / "data", None
     if rank == 0:
-        if c.data:
-            _prepare_inputs(c, target)
-        else:
-            target = data.default_data_dir()
-    if world > 1:
-        dist.barrier()
+        try:
+            if c.data:
+                _prepare_inputs(c, target)
+            else:
+                target = data.default_data_dir()
+        except (TrainError, data.DataError) as exc:
+            error = exc
+    if world > 1:  # rank 0's error reaches every rank, so each stops with the same line
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
     if rank != 0 and not c.data:
         target = data.default_data_dir()  # rank 0 prepared it: a lookup
     return target
@@ -263,10 +270,24 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _summary_writer(tensorboard: Optional[bool]):
+    """TensorBoard's SummaryWriter, or None when it is not asked for or, unasked, not installed."""
+    if tensorboard is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # not installed, or installed but broken: optional unless asked for
+        if tensorboard:
+            raise TrainError(f"--tensorboard: cannot use tensorboard ({type(exc).__name__}: {exc}); "
+                             "pip install tensorboard") from None
+        return None
+    return SummaryWriter
+
+
 class _Log:
     """metrics.jsonl (one object per train step and per evaluation) and optional TensorBoard, rank 0 only."""
 
-    def __init__(self, out: Path, start_step: int, tensorboard: Optional[bool]):
+    def __init__(self, out: Path, start_step: int, writer):
         self.path = out / "metrics.jsonl"
         kept = []
         if start_step and self.path.exists():  # keep the records up to the checkpoint we resume from
@@ -278,16 +299,7 @@ class _Log:
                     continue
         data._write_atomic(self.path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
         self.file = open(self.path, "a")
-        self.tb = None
-        if tensorboard is not False:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception as exc:  # not installed, or installed but broken: optional unless asked for
-                if tensorboard:
-                    raise TrainError(f"--tensorboard: cannot use tensorboard ({type(exc).__name__}: {exc}); "
-                                     "pip install tensorboard") from None
-            else:
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.tb = None if writer is None else writer(str(out / "tensorboard"))
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -342,6 +354,8 @@ def train(config: TrainConfig) -> dict:
         raise TrainError(f"--device {c.device}: under torchrun each rank takes {dist_device.type} "
                          f"(one GPU per rank when CUDA is available, else the CPU); drop --device")
     device = dist_device or device
+    # Every rank checks an explicit --tensorboard, so that all of them stop on it before any collective.
+    writer = _summary_writer(c.tensorboard) if rank == 0 or c.tensorboard else None
     precision = c.precision or ("bf16" if device.type == "cuda" else "fp32")
     if device.type == "cuda" and precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the MFU peak is TF32's
@@ -375,7 +389,12 @@ def train(config: TrainConfig) -> dict:
             if (data_dir / name).exists() and data_dir.resolve() != out.resolve():
                 shutil.copyfile(data_dir / name, out / name)
 
-    model = torch.compile(raw) if c.compile else raw
+    if c.compile and world > 1:
+        # Block by block: each block's gradients then arrive as its backward ends, so DataParallel's
+        # all-reduces overlap the rest, where one whole-model graph hands them all over at its end.
+        for block in raw.blocks:
+            block.compile()
+    model = torch.compile(raw) if c.compile and world == 1 else raw
     if world > 1:
         from fastcore.distributed import DataParallel
 
@@ -405,7 +424,7 @@ def train(config: TrainConfig) -> dict:
         raw.train()
         return total.item() / c.eval_iters
 
-    log = _Log(out, start, c.tensorboard) if main else None
+    log = _Log(out, start, writer) if main else None
     batches = Batches(train_tokens, c, mc.block_size, rank, world, device, start)
     bar = Progress(c.steps, "train", "step", enabled=main and c.progress, initial=start)
     loss_value, val_loss, rate = math.nan, None, 0.0
