@@ -103,6 +103,27 @@ def test_large_offset_and_eps(op, device, backend):
         assert_close(out, call_reference(op, x.double(), None, None, eps), torch.float32, f"{op} eps={eps}")
 
 
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+@pytest.mark.parametrize("op", OPS)
+def test_an_outlier_element_keeps_full_precision(op, device, backend):
+    """An outlier channel (first in its row, or elsewhere) must not cancel the variance away:
+    a one-pass E[x^2] - E[x]^2 shifted by the first element lost 5e-4 here."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4096, device=device)
+    x[:2, 0] = 1000.0
+    x[2:, 7] = 1000.0
+    x.requires_grad_()
+    w = (torch.randn(4096, device=device) * 0.5 + 1).requires_grad_()
+    dy = torch.randn(4, 4096, device=device)
+    out = call(op, x, w, None, backend, 1e-5)
+    out.backward(dy)
+    rx, rw = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = call_reference(op, rx, rw, None, 1e-5)
+    ref.backward(dy.double())
+    for name, got, want in (("y", out, ref), ("dx", x.grad, rx.grad), ("dw", w.grad, rw.grad)):
+        assert_close(got, want, torch.float32, f"{op} {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,backend", device_backends("layer_norm") + [("cpu", "reference")])
 def test_rms_norm_default_eps_matches_torch(device, backend, dtype):
@@ -139,6 +160,28 @@ def test_empty_batch(device, backend):
     assert out.shape == (0, 3, 16)
     out.sum().backward()
     assert x.grad.shape == x.shape
+    for module in (fastcore.nn.LayerNorm((3, 16)), fastcore.nn.RMSNorm(16)):  # as torch's modules, also via patch()
+        module.backend = backend
+        assert module.to(device)(x).shape == (0, 3, 16)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_raises_instead_of_dropping_terms(op, device, backend, compiled):
+    """A gradient penalty through the kernels' gradient must raise: it used to come back as a
+    constant, and the penalty's term was silently missing from the weight's gradient."""
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    w = torch.randn(16, device=device, requires_grad=True)
+    fn = (lambda a, b: call(op, a, b, None, backend, 1e-5))
+    fn = torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn
+    (gx,) = torch.autograd.grad(fn(x, w).pow(3).sum(), (x,), create_graph=True)
+    message = "does not currently support double backward" if compiled else "layer_norm/rms_norm: no double backward"
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(fn(x, w).sum() + gx.pow(2).sum(), (w,))
+    rx, rw = (t.detach().double().requires_grad_() for t in (x, w))  # the reference backend does it
+    (rgx,) = torch.autograd.grad(call_reference(op, rx, rw, None, 1e-5).pow(3).sum(), (rx,), create_graph=True)
+    assert torch.autograd.grad(call_reference(op, rx, rw, None, 1e-5).sum() + rgx.pow(2).sum(), (rw,))[0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in fastcore.available_backends("layer_norm", "cpu")])

@@ -2,9 +2,8 @@
 //
 // One row at a time per thread (OpenMP over rows); every pass is a contiguous
 // loop the compiler vectorises, widening 16-bit inputs on the fly so a row stays
-// small in L1. The forward makes one statistics pass over data shifted by the
-// row's first element (accurate for rows far from zero) and one output pass; y
-// subtracts the shift and the small mean correction separately. The backward
+// small in cache. The forward takes the mean, then the variance around it (two
+// passes, exact for rows far from zero or with an outlier), then writes y. The backward
 // fuses the dW/dB partials into its two passes. float/double outputs are written
 // in place; 16-bit ones are staged by L1-sized tiles, then narrowed.
 #include "norm.h"
@@ -72,21 +71,24 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
     std::vector<A> out(direct ? 0 : kTile);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      const T* xr = x + i * x_stride;  // 16-bit rows are widened on the fly in both passes
-      // One pass over data shifted by the row's first element: sums of x - K stay small
-      // when the row sits far from zero, so var = E[t^2] - E[t]^2 loses about one bit.
-      const A K = centered ? to_acc(xr[0]) : A(0);
-      A s = 0, ss = 0;
-#pragma omp simd reduction(+ : s, ss)
+      const T* xr = x + i * x_stride;  // 16-bit rows are widened on the fly in every pass
+      // Two passes, the mean then mean((x - mean)^2), re-reading the row from cache: a one-pass
+      // E[x^2] - E[x]^2 cancels catastrophically when one element (an outlier channel) dominates.
+      A mu = 0;
+      if (centered) {
+        A s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < N; ++j) s += to_acc(xr[j]);
+        mu = s * inv_n;
+      }
+      A ss = 0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t j = 0; j < N; ++j) {
-        const A t = to_acc(xr[j]) - K;
-        s += t;
+        const A t = to_acc(xr[j]) - mu;
         ss += t * t;
       }
-      const A mu = K, delta = centered ? s * inv_n : A(0);  // the mean is mu + delta
-      ss -= s * delta;
-      const A r = A(1) / std::sqrt(std::max(ss * inv_n, A(0)) + A(eps));
-      if (centered) mean[i] = mu + delta;
+      const A r = A(1) / std::sqrt(ss * inv_n + A(eps));
+      if (centered) mean[i] = mu;
       rstd[i] = r;
       for (int64_t j0 = 0; j0 < N; j0 += kTile) {  // tiles keep the staging buffer in L1
         const int64_t n = std::min(kTile, N - j0);
@@ -94,7 +96,7 @@ void norm_fwd(const T* x, int64_t x_stride, const T* w, const T* b, T* y,
         const A *wt = wa.data() + j0, *bt = ba.data() + j0;
         A* yt = direct ? reinterpret_cast<A*>(y + i * N + j0) : out.data();
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) yt[j] = ((to_acc(xt[j]) - mu) - delta) * r * wt[j] + bt[j];
+        for (int64_t j = 0; j < n; ++j) yt[j] = (to_acc(xt[j]) - mu) * r * wt[j] + bt[j];
         if constexpr (!direct) store_row(y + i * N + j0, yt, n);
       }
     }

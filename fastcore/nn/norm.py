@@ -5,6 +5,8 @@ They subclass the PyTorch classes, so constructor arguments, parameters,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,7 +19,7 @@ def _flatten_normalized(module: torch.nn.Module, x: Tensor) -> tuple[Tensor, tup
     if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
         raise ValueError(f"{type(module).__name__}: expected input whose trailing dims are {shape}, "
                          f"got shape {tuple(x.shape)}")
-    return x.reshape(*x.shape[: x.dim() - len(shape)], -1), x.shape
+    return x.reshape(*x.shape[: x.dim() - len(shape)], math.prod(shape)), x.shape  # not -1: 0 rows are fine
 
 
 def _flat(t: Tensor | None) -> Tensor | None:

@@ -196,7 +196,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     return *_grads(ctx, dy, torch.ops.fastcore.norm_bwd), None, None, None
 
 
-_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_norm_fwd.register_autograd(_backward, setup_context=_setup_context)  # compiled: aot_autograd refuses double backward
 
 
 class _NormFunction(torch.autograd.Function):
@@ -208,4 +208,23 @@ class _NormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return *_grads(ctx, dy, _norm_bwd_impl), None, None, None
+        grads = _grads(ctx, dy, _norm_bwd_impl)
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients carry no graph of their own
+            x, weight, _, _ = ctx.saved_tensors
+            grads = _NoDoubleBackward.apply(len(grads), *grads, dy, x, weight)
+        return *grads, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The first ``n`` tensors, tied to the rest (dy and the inputs) so that any second backward
+    through them, even one asking for a single input's gradient, reaches this node and raises,
+    where constants would silently drop its terms."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        return tuple(None if t is None else t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("layer_norm/rms_norm: no double backward (a gradient of a gradient taken with "
+                           "create_graph=True); use backend='reference' for that")
