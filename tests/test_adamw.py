@@ -54,6 +54,7 @@ CONFIGS = {
     "no-decay": (FusedAdamW, torch.optim.AdamW, dict(lr=3e-2, weight_decay=0.0, eps=1e-6)),
     "tensor-lr": (FusedAdamW, torch.optim.AdamW, dict(lr=torch.tensor(2e-2), weight_decay=0.05)),
     "adam-l2": (FusedAdam, torch.optim.Adam, dict(lr=3e-2, weight_decay=0.2, amsgrad=True)),
+    "adam-decoupled": (FusedAdam, torch.optim.Adam, dict(lr=3e-2, weight_decay=0.2, decoupled_weight_decay=True)),
 }
 
 
@@ -366,6 +367,86 @@ def test_a_master_copy_is_dropped_when_loading_into_fp32_params():
     opt32.load_state_dict(copy.deepcopy(opt16.state_dict()))
     assert "master_param" not in opt32.state[p32[0]]
     run(opt32, p32, 2, start=2)
+
+
+def test_a_master_copy_is_dropped_when_the_optimizer_keeps_none():
+    """A master_weights=True checkpoint into master_weights=False: its stale copy must not be used
+    (it would undo writes to the parameter that only master_weights=True tracks)."""
+    p = make_params([(5,)], torch.bfloat16)
+    src = FusedAdamW(p, master_weights=True)
+    run(src, p, 2)
+    q = make_params([(5,)], torch.bfloat16)
+    dst = FusedAdamW(q, lr=1e-3, weight_decay=0.0)
+    dst.load_state_dict(copy.deepcopy(src.state_dict()))
+    assert "master_param" not in dst.state[q[0]]
+    with torch.no_grad():
+        q[0].zero_()
+    q[0].grad = torch.zeros_like(q[0])
+    dst.step()
+    assert q[0].abs().max().item() < 1e-2
+
+
+def test_named_parameters_are_taken_as_torch_takes_them():
+    model = torch.nn.Linear(3, 2)
+    ours = FusedAdamW(model.named_parameters(), lr=1e-2)
+    theirs = torch.optim.AdamW(torch.nn.Linear(3, 2).named_parameters(), lr=1e-2)
+    assert ours.param_groups[0]["param_names"] == theirs.param_groups[0]["param_names"] == ["weight", "bias"]
+    model(torch.randn(4, 3)).sum().backward()
+    ours.step()
+    assert ours.state[model.weight]["step"].item() == 1
+
+
+def test_loading_adam_keeps_its_decoupled_weight_decay():
+    p, q = make_params(SHAPES), make_params(SHAPES)
+    theirs = torch.optim.Adam(q, lr=1e-2, weight_decay=0.5, decoupled_weight_decay=True, foreach=False)
+    run(theirs, q, 3)
+    ours = FusedAdam(p, lr=1e-2, weight_decay=0.5)
+    with torch.no_grad():
+        for a, b in zip(p, q):
+            a.copy_(b)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["decoupled_weight_decay"] is True
+    run(ours, p, 3, start=3)
+    run(theirs, q, 3, start=3)
+    for a, b in zip(p, q):
+        assert_close(a, b, torch.float32, "after loading Adam(decoupled_weight_decay=True)")
+    assert FusedAdamW(make_params([(3,)])).param_groups[0]["decoupled_weight_decay"] is True
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", [b for _, b in device_backends("adamw")])
+@pytest.mark.parametrize("change", ["resized", "cast", "loaded"])
+def test_state_that_does_not_fit_its_parameter_is_refused(backend, change):
+    """The kernels run each state tensor for its parameter's numel and dtype: a state left from
+    before the parameter was resized or cast in place, or loaded from another model's optimizer,
+    must be refused (it crashed or hung the process)."""
+    model = torch.nn.Linear(4, 4)
+    opt = FusedAdamW(model.parameters(), lr=1e-3, backend=backend)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    if change == "resized":
+        model.weight.data = torch.randn(64, 4)
+        model.weight.grad = torch.randn(64, 4)
+    elif change == "cast":
+        model.double()
+        model.weight.grad, model.bias.grad = model.weight.grad.double(), model.bias.grad.double()
+    else:  # a resized model (a bigger vocabulary, say) resumed from the old one's optimizer
+        saved, bigger = opt.state_dict(), torch.nn.Linear(4, 64)
+        opt = FusedAdamW(bigger.parameters(), lr=1e-3, backend=backend)
+        opt.load_state_dict(saved)
+        bigger(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in (opt.param_groups[0]["params"])]
+    refused = (RuntimeError, "not float64") if (backend, change) == ("triton", "cast") else (ValueError, "does not fit")
+    with pytest.raises(refused[0], match=refused[1]):
+        opt.step()
+    for b, p in zip(before, opt.param_groups[0]["params"]):
+        assert torch.equal(b, p)  # refused before anything stepped
+
+
+def test_a_parameter_listed_twice_is_refused():
+    p = make_params([(3,)])
+    with pytest.raises(ValueError, match="parameter 1 of a param group is listed twice"):
+        FusedAdamW([p[0], p[0]])
 
 
 # ---------------------------------------------------------------- bad input

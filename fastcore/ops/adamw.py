@@ -82,13 +82,15 @@ class Launch:
     lrs: list
     wds: list
     opts: dict
+    checked: Optional[dict] = None  # FusedAdamW's: the tables whose state was last found to fit
 
 
 def plan(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds, max_exp_avg_sqs, master_params, opts,
-         backend) -> list[Launch]:
+         backend, checked: Optional[dict] = None) -> list[Launch]:
     """Group the tensors into launches and resolve each one's backend, touching nothing, so that a
-    refusal (say, float64 on triton) comes before any tensor has stepped. No argument checks:
-    FusedAdamW calls this with state it made itself."""
+    refusal (say, float64 on triton) comes before any tensor has stepped. No argument checks here:
+    ``adamw_step`` checks everything first; FusedAdamW passes ``checked``, and a launch whose
+    tensors differ from the last ones checked has its state checked against its parameters."""
     buckets: dict[tuple, list[int]] = {}
     if master_params is None:
         for i, p in enumerate(params):
@@ -102,10 +104,11 @@ def plan(params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds, max_exp_avg_sqs,
         name = resolve_backend("adamw", backend, device, dtype)
         cols = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params if has_master else None, steps]
         if len(buckets) == 1:
-            launches.append(Launch(name, device, dtype, cols, lrs, wds, opts))
+            launches.append(Launch(name, device, dtype, cols, lrs, wds, opts, checked))
         else:
             cols = [None if col is None else [col[i] for i in idx] for col in cols]
-            launches.append(Launch(name, device, dtype, cols, [lrs[i] for i in idx], [wds[i] for i in idx], opts))
+            launches.append(Launch(name, device, dtype, cols, [lrs[i] for i in idx], [wds[i] for i in idx], opts,
+                                   checked))
     return launches
 
 
@@ -153,8 +156,20 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
     if not all(g.is_contiguous() for g in grads):
         grads = [g.contiguous() for g in grads]  # kept alive here until the kernel is queued
     cols = [params, grads, *cols[2:]]
+    n = len(params)
+    numels = [p.numel() for p in params]
+    addresses = [launch_table.addresses(col, n) for col in cols]
+    if launch.checked is not None:
+        # Every tensor's address and size, taken for the table anyway: a new checkpoint's state or a
+        # parameter cast or resized in place changes them, and only then is the state checked.
+        key, signature = (str(device), dtype, cols[5] is not None, *launch.opts.values()), (addresses, numels)
+        if launch.checked.get(key) != signature:
+            _check_fits(cols)
+            launch.checked[key] = signature
     chunk = launch_table.chunk_size("adamw", backend, device)
-    meta, hparams, chunks = _tables(cols, launch.lrs, launch.wds, chunk, device)
+    meta = launch_table.table(addresses + [numels], device)
+    hparams = launch_table.table([launch.lrs, launch.wds], device, torch.float64)
+    chunks = launch_table.chunk_table(tuple(numels), chunk, device)
     flags = dict(amsgrad=cols[4] is not None, has_master=cols[5] is not None, **launch.opts)
     if backend == "triton":
         from fastcore.kernels import adamw as kernels
@@ -172,12 +187,24 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
         p.copy_(params[i])
 
 
-def _tables(cols, lrs, wds, chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    n = len(cols[0])
-    numels = [p.numel() for p in cols[0]]
-    meta = launch_table.table([launch_table.addresses(col, n) for col in cols] + [numels], device)
-    hparams = launch_table.table([lrs, wds], device, torch.float64)
-    return meta, hparams, launch_table.chunk_table(tuple(numels), chunk, device)
+def _check_fits(cols) -> None:
+    """The kernels read and write each state tensor through its address for its parameter's numel."""
+    params, _, exp_avgs, exp_avg_sqs, max_sqs, masters, steps = cols
+    for i, p in enumerate(params):
+        named = [("exp_avg", exp_avgs[i], state_dtype(p.dtype)), ("exp_avg_sq", exp_avg_sqs[i], state_dtype(p.dtype))]
+        if max_sqs is not None:
+            named.append(("max_exp_avg_sq", max_sqs[i], state_dtype(p.dtype)))
+        if masters is not None and masters[i] is not None:
+            named.append(("master_param", masters[i], torch.float32))
+        try:
+            for name, t, dtype in named:
+                _check_state(t, p, dtype, name)
+            if steps[i].numel() != 1 or steps[i].dtype != torch.float32 or steps[i].device != p.device:
+                raise ValueError(f"adamw_step: step must be a one-element float32 tensor on {p.device}")
+        except ValueError as exc:
+            raise ValueError(f"{exc}: the optimizer state does not fit this {p.dtype} parameter of shape "
+                             f"{tuple(p.shape)} (a state dict saved for other parameters, or a parameter "
+                             "resized or cast in place after its first step)") from None
 
 
 def _per_tensor(name: str, value, n: int) -> list[float]:

@@ -67,6 +67,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.backend = backend
         # Parameter version and address after our last step: a change means an outside write (see step).
         self._written: dict[Tensor, tuple[int, int]] = {}
+        self._checked: dict = {}  # per launch, the tensors whose state was last checked (ops.adamw.plan)
         # Every key of torch.optim.AdamW's param groups, so that state dicts load into it unchanged.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=False, differentiable=False, fused=fused,
@@ -74,25 +75,32 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "master_weights": self.master_weights, "backend": self.backend}
+        state = {k: v for k, v in super().__getstate__().items() if k not in ("_written", "_checked")}
+        return {**state, "master_weights": self.master_weights, "backend": self.backend}
 
     def __setstate__(self, state: dict) -> None:
         # load_state_dict passes only state and param_groups: keep the settings this optimizer has.
         self.master_weights = state.pop("master_weights", getattr(self, "master_weights", False))
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
-        self._written = {}
+        self._written, self._checked = {}, {}
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
-            group["decoupled_weight_decay"] = self._decoupled
+            if type(self)._decoupled or "decoupled_weight_decay" not in group:  # AdamW's is always True
+                group["decoupled_weight_decay"] = self._decoupled
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):
             params = param_group["params"] = list(params)  # a generator is read once, here
-        for i, p in enumerate([params] if isinstance(params, Tensor) else params):
+        tensors = [params] if isinstance(params, Tensor) else [p[1] if isinstance(p, tuple) else p for p in params]
+        for i, p in enumerate(tensors):  # (name, tensor) pairs, as named_parameters() gives, are taken too
             check_param(p, f"{type(self).__name__}: parameter {i} of a param group")
+        if len(set(tensors)) != len(tensors):
+            i = next(i for i, p in enumerate(tensors) if any(p is q for q in tensors[:i]))
+            raise ValueError(f"{type(self).__name__}: parameter {i} of a param group is listed twice; the fused "
+                             "step would update it twice at once (torch.optim only warns)")
         super().add_param_group(param_group)
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
@@ -126,7 +134,8 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             amsgrad = bool(group["amsgrad"])
-            key = (float(beta1), float(beta2), float(group["eps"]), amsgrad, bool(group["maximize"]))
+            key = (float(beta1), float(beta2), float(group["eps"]), amsgrad, bool(group["maximize"]),
+                   bool(group["decoupled_weight_decay"]))
             # params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, master_param, step, lr, weight_decay
             cols = launches.setdefault(key, [[] for _ in range(9)])
             lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -151,14 +160,14 @@ class FusedAdamW(torch.optim.Optimizer):
                 cols[7].append(lr)
                 cols[8].append(wd)
         planned = []  # every launch is checked and resolved before any tensor steps
-        for (beta1, beta2, eps, amsgrad, maximize), cols in launches.items():
+        for (beta1, beta2, eps, amsgrad, maximize, decoupled), cols in launches.items():
             if not cols[0]:
                 continue
             # No per-gradient shape/dtype/device check here: torch's `.grad` setter and autograd enforce them.
             masters = cols[5] if any(m is not None for m in cols[5]) else None
-            opts = dict(beta1=beta1, beta2=beta2, eps=eps, maximize=maximize, decoupled=self._decoupled)
+            opts = dict(beta1=beta1, beta2=beta2, eps=eps, maximize=maximize, decoupled=decoupled)
             planned += plan(cols[0], cols[1], cols[2], cols[3], cols[6], cols[7], cols[8],
-                            cols[4] if amsgrad else None, masters, opts, self.backend)
+                            cols[4] if amsgrad else None, masters, opts, self.backend, self._checked)
         run(planned, grad_scale, found_inf)
         if self.master_weights:
             for launch in planned:
@@ -183,7 +192,7 @@ class FusedAdamW(torch.optim.Optimizer):
             for key in _STATE_KEYS:
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=state_dtype(p.dtype), copy=True).contiguous()
-            if "master_param" in saved and p.dtype in _LOW:  # none for fp32 parameters
+            if "master_param" in saved and p.dtype in _LOW and self.master_weights:  # none for fp32 parameters
                 state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32,
                                                                  copy=True).contiguous()
             elif "master_param" in state:
@@ -194,14 +203,17 @@ class FusedAdamW(torch.optim.Optimizer):
 
 
 class FusedAdam(FusedAdamW):
-    """``torch.optim.Adam``'s maths (L2 weight decay added to the gradient), on FusedAdamW's kernels."""
+    """``torch.optim.Adam``'s maths (L2 weight decay added to the gradient, or AdamW's decoupled decay
+    with ``decoupled_weight_decay=True``), on FusedAdamW's kernels."""
 
     _decoupled = False
 
     def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False, *,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, master_weights: bool = False, backend: str = "auto") -> None:
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False, master_weights: bool = False,
+                 backend: str = "auto") -> None:
+        self._decoupled = bool(decoupled_weight_decay)  # the groups' default; a loaded state dict's groups keep theirs
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          master_weights=master_weights, backend=backend)
