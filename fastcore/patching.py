@@ -115,8 +115,10 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     _check_backend(model, backend, layer_norm, rms_norm, attention)
     report = _reports.get(model) or {"layer_norm": 0, "rms_norm": 0, "attention": 0, "skipped": Counter(),
-                                      "attention_fallbacks": Counter(), "notes": []}
-    report["backend"] = backend
+                                      "attention_fallbacks": Counter(), "notes": [], "backend": backend}
+    if report["backend"] != backend:  # the patched norms keep theirs: the report would misstate it
+        raise ValueError(f"patch: the model is already patched with backend={report['backend']!r}; "
+                         f"call fastcore.unpatch(model) before patching with backend={backend!r}")
     report["skipped"].clear()
     llama_code = _llama_rms_code()
     for module in model.modules():

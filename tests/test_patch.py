@@ -103,10 +103,16 @@ def test_patch_is_idempotent_and_unpatch_restores():
     first = dict(fastcore.patch(model))
     again = fastcore.patch(model)
     assert {k: again[k] for k in ("layer_norm", "rms_norm")} == {k: first[k] for k in ("layer_norm", "rms_norm")}
+    # Another backend on a patched model would leave the norms on the first: refused, by name.
+    with pytest.raises(ValueError, match="already patched with backend='auto'; call fastcore.unpatch"):
+        fastcore.patch(model, backend="reference")
+    assert model.ln.backend == "auto"
     assert fastcore.unpatch(model) == {"layer_norm": 2, "rms_norm": 1}
     assert type(model.ln) is nn.LayerNorm and type(model.rms) is nn.RMSNorm
     assert not hasattr(model.ln, "backend") and not hasattr(model.ln, "_fastcore_original")
     assert fastcore.unpatch(model) == {}
+    assert fastcore.patch(model, backend="reference")["backend"] == "reference"  # after unpatch it may change
+    assert model.ln.backend == "reference"
 
 
 def test_kinds_can_be_left_out_and_subclasses_are_skipped():
