@@ -199,8 +199,7 @@ def _check_fits(cols) -> None:
         try:
             for name, t, dtype in named:
                 _check_state(t, p, dtype, name)
-            if steps[i].numel() != 1 or steps[i].dtype != torch.float32 or steps[i].device != p.device:
-                raise ValueError(f"adamw_step: step must be a one-element float32 tensor on {p.device}")
+            _check_step(steps[i], p, "step")
         except ValueError as exc:
             raise ValueError(f"{exc}: the optimizer state does not fit this {p.dtype} parameter of shape "
                              f"{tuple(p.shape)} (a state dict saved for other parameters, or a parameter "
@@ -264,9 +263,7 @@ def _check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, m
             if p.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"adamw_step: master_params[{i}] is for 16-bit parameters; params[{i}] is {p.dtype}")
             _check_state(master_params[i], p, torch.float32, f"master_params[{i}]")
-        s = steps[i]
-        if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
-            raise ValueError(f"adamw_step: steps[{i}] must be a one-element float32 tensor on {p.device}")
+        _check_step(steps[i], p, f"steps[{i}]")
     return n
 
 
@@ -277,6 +274,11 @@ def _check_state(s, p: Tensor, dtype: torch.dtype, name: str) -> None:
                          f"{tuple(p.shape)} on {p.device}, got {got}")
     if not s.is_contiguous():
         raise ValueError(f"adamw_step: {name} must be contiguous (optimizer state is updated in place)")
+
+
+def _check_step(s, p: Tensor, name: str) -> None:
+    if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
+        raise ValueError(f"adamw_step: {name} must be a one-element float32 tensor on {p.device}")
 
 
 def check_param(p, name: str) -> None:
