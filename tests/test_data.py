@@ -92,6 +92,53 @@ def test_jsonl_text_fields_skipped_lines_and_duplicates(tmp_path):
     assert sorted(bytes(d).decode() for d in documents(tokens(tmp_path / "out"), 256)) == ["first", "secönd"]
 
 
+def test_jsonl_records_end_at_newline_only_with_a_bom_and_crlf(tmp_path, capsys):
+    # U+2028, U+2029 and U+0085 are line breaks to str.splitlines but text to JSON Lines.
+    texts = ["para\u2028graph", "next\u2029one", "nel\u0085here", "plain"]
+    body = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"
+    (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    meta = data.prepare([str(tmp_path / "d.jsonl")], tmp_path / "out", val_fraction=0, progress=False)
+    assert sorted(bytes(d).decode() for d in documents(tokens(tmp_path / "out"), 256)) == sorted(texts)
+    assert (meta["documents"], meta["skipped_jsonl_lines"]) == (4, 0)
+
+
+def test_skipped_jsonl_records_are_reported(tmp_path, capsys):
+    write(tmp_path / "d.jsonl", '{"text": "kept"}\n{"body": "x"}\n[1]\n{"text": null}\n')
+    data.prepare([str(tmp_path / "d.jsonl")], tmp_path / "out", val_fraction=0, progress=False)
+    assert "3 .jsonl records without a string 'text' field" in capsys.readouterr().err
+    write(tmp_path / "none.jsonl", '{"body": "x"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=r"no text left after dropping 0 empty, 0 duplicate documents and "
+                                        r"2 \.jsonl records without a string 'text' field"):
+        data.prepare([str(tmp_path / "none.jsonl")], tmp_path / "out2", progress=False)
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "in" / "bad.jsonl").write_bytes(b'{"text": "ok \xff"}\n')
+    write(tmp_path / "in" / "good.txt", "fine \ufffd already")  # a real U+FFFD is not an invalid byte
+    meta = data.prepare([str(tmp_path / "in")], tmp_path / "out", val_fraction=0, progress=False)
+    assert meta["invalid_utf8_files"] == 2
+    assert "invalid UTF-8 in 2 files replaced by U+FFFD" in capsys.readouterr().err
+    docs = sorted(bytes(d).decode() for d in documents(tokens(tmp_path / "out"), 256))
+    assert docs == ["caf\ufffd", "fine \ufffd already", "ok \ufffd"]
+
+
+def test_a_val_split_too_small_to_train_on_is_noted(tmp_path, capsys):
+    write(tmp_path / "a.txt", "x" * 1000)
+    data.prepare([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.05, progress=False)
+    err = capsys.readouterr().err
+    assert "the val split holds 50 tokens, too few" in err and "--val-fraction" in err
+    data.prepare([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.2, progress=False)
+    assert "val split holds" not in capsys.readouterr().err
+
+
+def test_encode_refuses_text_that_is_not_unicode(tmp_path):
+    tok = data.Tokenizer("byte", 257, 256)
+    with pytest.raises(ValueError, match=r"text is not valid Unicode \(surrogates not allowed at character 2\)"):
+        tok.encode("ab\udcff")  # how Python hands over a command-line byte that is not UTF-8
+
+
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):
     write(tmp_path / "bad.jsonl", '{"text": "ok"}\n\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: not valid JSON"):
@@ -220,15 +267,22 @@ def test_default_data_dir_losing_the_race_uses_the_winner(tmp_path, monkeypatch)
     (["{tmp}/blank"], {"tokenizer": "sentencepiece"}, r"tokenizer='sentencepiece'"),
     (["{tmp}/blank"], {"val_fraction": 1.0}, r"val_fraction=1.0"),
     (["{tmp}/blank"], {"val_fraction": -0.1}, r"val_fraction=-0.1"),
+    (["{tmp}/blank"], {"seed": -1}, r"seed=-1: expected a whole number, 0 <= seed < 2\*\*64"),
+    (["{tmp}/blank"], {"seed": 2**64}, r"seed=18446744073709551616"),
+    (["{tmp}/blank"], {"tokenizer": "bpe", "vocab": 2**31}, r"vocab=2147483648: .* at most 2\*\*24"),
+    (["{tmp}/text.txt"], {"out": "{tmp}/text.txt/out"}, r"out: cannot create the directory .*text\.txt/out"),
+    (["{tmp}/text.txt"], {"out": "{tmp}/text.txt"}, r"out: .*text\.txt exists and is not a directory"),
 ])
 def test_bad_input_raises_data_error_naming_it(tmp_path, inputs, kwargs, match):
     write(tmp_path / "blank" / "a.txt", "   \n")
     write(tmp_path / "blank" / "b.md", "")
+    write(tmp_path / "text.txt", "some text")
     (tmp_path / "empty-dir").mkdir()
     inputs = [s.format(tmp=tmp_path) for s in inputs]
+    out = kwargs.pop("out", "{tmp}/out").format(tmp=tmp_path)
     with pytest.raises(DataError, match=match):
-        data.prepare(inputs, tmp_path / "out", progress=False, **kwargs)
-    assert not (tmp_path / "out" / "meta.json").exists()
+        data.prepare(inputs, out, progress=False, **kwargs)
+    assert not (tmp_path / "out" / "meta.json").exists() and (tmp_path / "text.txt").read_text() == "some text"
 
 
 def test_reading_an_unprepared_directory_says_what_to_run(tmp_path):

@@ -23,6 +23,7 @@ from fastcore.train.progress import Progress
 FORMAT = 1
 EOT_TEXT = "<|endoftext|>"
 BYTE_VOCAB = 257  # 256 byte values + end-of-text
+MAX_BPE_VOCAB = 1 << 24  # the trainer's memory grows with it: 2**31 aborts the process
 # Suffixes read when a directory is given; a file named explicitly (or matched by a glob) is always read.
 TEXT_SUFFIXES = frozenset({
     ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".jsonl", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu",
@@ -30,6 +31,7 @@ TEXT_SUFFIXES = frozenset({
 })
 STDLIB_EXCLUDED = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 PROGRESS_BYTES = 8 << 20
+MIN_VAL_TOKENS = 129  # the tiny preset's block size + 1: fewer cannot be evaluated
 
 
 class DataError(ValueError):
@@ -69,27 +71,34 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _texts(path: Path, raw: bytes, counts: dict):
-    """The documents in one file: each ``text`` field of a .jsonl file, otherwise the whole file."""
+    """The documents in one file, as text: each ``text`` field of a .jsonl file, otherwise the whole file.
+    Invalid UTF-8 becomes U+FFFD, and each file that had any is counted."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "replace")
+        counts["invalid_utf8_files"] += 1
     if path.suffix.lower() != ".jsonl":
-        yield raw.decode("utf-8", "replace").encode("utf-8")
+        yield text
         return
-    for lineno, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+    # JSON Lines ends records at "\n" only: U+2028 and friends are text inside a record, not line breaks.
+    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if isinstance(text, str):
-            yield text.encode("utf-8", "replace")  # "replace": JSON may hold lone surrogates
+        value = record.get("text") if isinstance(record, dict) else None
+        if isinstance(value, str):
+            yield value
         else:
             counts["skipped_jsonl_lines"] += 1
 
 
 def _read_documents(files: list[Path], progress: bool) -> tuple[list[bytes], dict]:
     """Unique, non-blank documents as UTF-8 bytes, in file order, and what was dropped."""
-    counts = {"duplicates_dropped": 0, "empty_dropped": 0, "skipped_jsonl_lines": 0}
+    counts = {"duplicates_dropped": 0, "empty_dropped": 0, "skipped_jsonl_lines": 0, "invalid_utf8_files": 0}
     seen, docs = set(), []
     total = sum(f.stat().st_size for f in files)
     with Progress(total, "reading", unit="B", enabled=progress and total > PROGRESS_BYTES) as bar:
@@ -98,10 +107,11 @@ def _read_documents(files: list[Path], progress: bool) -> tuple[list[bytes], dic
                 raw = path.read_bytes()
             except OSError as exc:
                 raise DataError(f"input {path}: cannot read it ({exc.strerror})") from None
-            for doc in _texts(path, raw, counts):
-                if not doc.decode("utf-8").strip():
+            for text in _texts(path, raw, counts):
+                if not text.strip():
                     counts["empty_dropped"] += 1
                     continue
+                doc = text.encode("utf-8", "replace")  # "replace": JSON may hold lone surrogates
                 key = hashlib.blake2b(doc, digest_size=16).digest()
                 if key in seen:
                     counts["duplicates_dropped"] += 1
@@ -164,9 +174,11 @@ class Tokenizer:
             hf_tokenizer.encode_special_tokens = True  # document text is never a control token
 
     def encode(self, text: str) -> list[int]:
-        if self._hf is None:
-            return list(text.encode("utf-8", "replace"))
-        return self._hf.encode(text, add_special_tokens=False).ids
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. a command-line byte that was not UTF-8
+            raise ValueError(f"text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+        return list(raw) if self._hf is None else self._hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -187,21 +199,38 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------------------------- prepare
 
-def _check_args(tokenizer: str, vocab: int | None, val_fraction: float):
+def _check_args(tokenizer: str, vocab: int | None, val_fraction: float, seed: int):
     if tokenizer == "byte":
         if vocab not in (None, BYTE_VOCAB):
             raise DataError(f"vocab={vocab}: the byte tokenizer has a fixed vocabulary of {BYTE_VOCAB} "
                             f"(256 bytes + end-of-text); a vocabulary size is for tokenizer 'bpe'")
     elif tokenizer == "bpe":
         whole = isinstance(vocab, int) and not isinstance(vocab, bool)
-        if not (whole and BYTE_VOCAB < vocab <= 1 << 32):
+        if not (whole and BYTE_VOCAB < vocab <= MAX_BPE_VOCAB):
             raise DataError(f"vocab={vocab}: tokenizer 'bpe' needs a vocabulary size above {BYTE_VOCAB} "
-                            f"(256 bytes + end-of-text + merges), at most 2**32")
+                            f"(256 bytes + end-of-text + merges), at most 2**24")
         _hf()
     else:
         raise DataError(f"tokenizer={tokenizer!r}: expected 'byte' or 'bpe'")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    if not valid_seed(seed):
+        raise DataError(f"seed={seed}: expected a whole number, 0 <= seed < 2**64")
+
+
+def valid_seed(seed) -> bool:
+    """Seeds are torch's non-negative range; numpy takes them too."""
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 1 << 64
+
+
+def make_dir(path: Path, name: str, error: type[Exception]) -> None:
+    """``mkdir -p path``, with ``error`` naming the argument where it cannot be a directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise error(f"{name}: {path} exists and is not a directory") from None
+    except OSError as exc:  # a file on the way, permissions, read-only file system
+        raise error(f"{name}: cannot create the directory {path} ({exc.strerror})") from None
 
 
 def _write_atomic(path: Path, write):
@@ -219,7 +248,7 @@ def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte
             files: list[Path] | None = None) -> dict:
     """Tokenize ``inputs`` (files, directories, glob patterns) into ``out``; return its meta.json as a dict.
     ``files``: ``resolve_inputs(inputs)`` when the caller has it already."""
-    _check_args(tokenizer, vocab, val_fraction)
+    _check_args(tokenizer, vocab, val_fraction, seed)
     sources = [str(s) for s in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     files = resolve_inputs(sources) if files is None else files
     return _prepare_files(files, Path(out), tokenizer=tokenizer, vocab=vocab,
@@ -230,13 +259,10 @@ def _prepare_files(files: list[Path], out: Path, *, tokenizer: str, vocab: int |
                    seed: int, progress: bool, sources: list[str], shown_as: Path | None = None) -> dict:
     docs, counts = _read_documents(files, progress)
     if not docs:
-        raise DataError(f"inputs {', '.join(sources)}: no text left after dropping {counts['empty_dropped']} "
-                        f"empty and {counts['duplicates_dropped']} duplicate documents")
+        raise DataError(f"inputs {', '.join(sources)}: no text left after dropping {_dropped(counts)}")
     # Shuffled by document, so the validation tail is not simply the last directory read.
     docs = [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))]
-    if out.exists() and not out.is_dir():
-        raise DataError(f"out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "out", DataError)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is rewritten
 
     info = {"kind": tokenizer}
@@ -261,10 +287,22 @@ def _prepare_files(files: list[Path], out: Path, *, tokenizer: str, vocab: int |
             "train_tokens": len(train), "val_tokens": len(val), "documents": len(docs), **counts,
             "bytes": sum(len(d) for d in docs), "sources": sources, "seed": seed, "val_fraction": val_fraction}
     _write_atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    print(f"prepared {len(docs)} documents ({counts['duplicates_dropped']} duplicates and "
-          f"{counts['empty_dropped']} empty documents dropped) -> "
-          f"{len(train)} train / {len(val)} val tokens in {shown_as or out}", file=sys.stderr)
+    invalid = counts["invalid_utf8_files"]
+    print(f"prepared {len(docs)} documents ({_dropped(counts)} dropped"
+          + (f"; invalid UTF-8 in {invalid} file{'s' * (invalid != 1)} replaced by U+FFFD" if invalid else "")
+          + f") -> {len(train)} train / {len(val)} val tokens in {shown_as or out}", file=sys.stderr)
+    if len(val) < MIN_VAL_TOKENS:
+        print(f"note: the val split holds {len(val)} tokens, too few to evaluate even the tiny preset "
+              f"(block size + 1 = {MIN_VAL_TOKENS}); `fastcore train` needs more: raise --val-fraction or add data",
+              file=sys.stderr)
     return meta
+
+
+def _dropped(counts: dict) -> str:
+    parts = [f"{counts['empty_dropped']} empty", f"{counts['duplicates_dropped']} duplicate documents"]
+    if counts["skipped_jsonl_lines"]:
+        parts.append(f"{counts['skipped_jsonl_lines']} .jsonl records without a string 'text' field")
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -297,6 +335,15 @@ def load_tokenizer(data_dir) -> Tokenizer:
     if not path.is_file():
         raise DataError(f"{path} not found: the BPE tokenizer of {data_dir} is missing; prepare it again")
     return Tokenizer("bpe", info["vocab_size"], info["eot"], _hf().Tokenizer.from_file(str(path)))
+
+
+def identity(data_dir) -> dict:
+    """Digests of a prepared directory's meta.json and tokenizer: a checkpoint records them, so that
+    ``--resume`` can tell other data, and a tokenizer whose ids mean other text, from the run's own."""
+    info = load_meta(data_dir)["tokenizer"]
+    digest = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
+    tokenizer = "byte" if info["kind"] == "byte" else digest(Path(data_dir) / info.get("file", "tokenizer.json"))
+    return {"meta": digest(Path(data_dir) / "meta.json"), "tokenizer": tokenizer}
 
 
 def open_split(data_dir, split: str) -> np.memmap:
