@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -373,6 +374,58 @@ def test_corrupt_and_incompatible_checkpoints_name_the_file(corpus, tmp_path, ca
         train(TrainConfig(**{**cfg, "steps": 6, "resume": True}))
 
 
+def _bpe_data(root: Path, name: str, letters: str) -> Path:
+    """A BPE directory with all 300 ids used: enough distinct words, from ``letters``, for 43 merges."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list(letters), size=rng.integers(3, 9))) for _ in range(200)]
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(20):
+        (root / name / f"{i}.txt").write_text(" ".join(rng.choice(words, size=200)))
+    data.prepare([str(root / name)], root / f"{name}-bpe", tokenizer="bpe", vocab=300, val_fraction=0.2,
+                 progress=False)
+    return root / f"{name}-bpe"
+
+
+def test_resume_refuses_another_tokenizer_and_notes_other_data(corpus, tmp_path, capsys):
+    a = _bpe_data(tmp_path, "a", "abcdefgh")
+    b = _bpe_data(tmp_path, "b", "stuvwxyz")
+    assert data.load_meta(a)["tokenizer"]["vocab_size"] == data.load_meta(b)["tokenizer"]["vocab_size"] == 300
+    cfg = dict(out=str(tmp_path / "run"), steps=2, **SMALL)
+    train(TrainConfig(data=[str(a)], **cfg))
+    saved = (tmp_path / "run" / "tokenizer.json").read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="trained with another tokenizer than this run's data"):
+        train(TrainConfig(data=[str(b)], **{**cfg, "steps": 3, "resume": True}))
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved   # `sample` still decodes the run
+
+    # The byte tokenizer is one tokenizer: other data continues, with a note.
+    other = tmp_path / "other"
+    data.prepare([str(tmp_path / "a")], other, val_fraction=0.5, progress=False)   # a's files, byte-tokenized
+    train(TrainConfig(data=[str(corpus)], **{**cfg, "out": str(tmp_path / "byte")}))
+    capsys.readouterr()
+    train(TrainConfig(data=[str(other)], **{**cfg, "out": str(tmp_path / "byte"), "steps": 3, "resume": True}))
+    assert "--data: other data (its meta.json differs)" in capsys.readouterr().err
+
+
+def test_a_bpe_directory_without_its_tokenizer_is_refused(tmp_path):
+    a = _bpe_data(tmp_path, "a", "abcdefgh")
+    (a / "tokenizer.json").unlink()
+    with pytest.raises(data.DataError, match=r"tokenizer\.json not found: the BPE tokenizer of .* is missing"):
+        train(TrainConfig(data=[str(a)], out=str(tmp_path / "run"), steps=1, **SMALL))
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_an_empty_val_split_says_how_to_prepare_one(tmp_path):
+    (tmp_path / "a.txt").write_text("some text to learn from. " * 100)
+    data.prepare([str(tmp_path / "a.txt")], tmp_path / "d", val_fraction=0, progress=False)
+    with pytest.raises(TrainError, match=r"the val split of .* has 0 tokens.*a larger --val-fraction"):
+        train(TrainConfig(data=[str(tmp_path / "d")], out=str(tmp_path / "run"), steps=1, **SMALL))
+
+
+def test_the_largest_seed_trains(corpus, tmp_path):
+    result = train(TrainConfig(data=[str(corpus)], out=str(tmp_path), steps=1, seed=2**64 - 1, **SMALL))
+    assert math.isfinite(result["loss"])
+
+
 def test_checkpoint_is_loaded_weights_only(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -398,6 +451,15 @@ def test_sample_continues_the_prompt(corpus, tmp_path, capsys):
     assert greedy == "import " + data.load_tokenizer(tmp_path).decode(ids)
     assert cli.main(["sample", "--ckpt", str(tmp_path), "--prompt", "x = ", "--tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("x = ")
+    # A temperature so small that logits / temperature overflows is still a (near-)greedy draw.
+    assert sample(tmp_path, "import ", 10, temperature=1e-40) == greedy
+    for flag, value, message in (("--temperature", "nan", "--temperature: must be a finite number >= 0"),
+                                 ("--temperature", "inf", "--temperature: must be a finite number >= 0"),
+                                 ("--seed", "-1", "--seed: must be a whole number, 0 <= seed < 2**64"),
+                                 ("--prompt", "ab\udcff", "--prompt: text is not valid Unicode")):
+        assert cli.main(["sample", "--ckpt", str(tmp_path), "--tokens", "2", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 # ---- bad input: one line, no traceback ------------------------------------------------------------
@@ -410,18 +472,32 @@ def test_sample_continues_the_prompt(corpus, tmp_path, capsys):
     (["--block-size", "100000"], "fewer than block_size + 1"),
     (["--lr", "-1"], "--lr: must be a finite number > 0"),
     (["--n-embd", "66"], "n_embd (66) must be a multiple of n_head"),
-    (["--preset", "tiny", "--out", "/dev/null"], "--out: /dev/null is not a directory"),
+    (["--preset", "tiny", "--out", "/dev/null"], "--out: /dev/null exists and is not a directory"),
     (["--n-embd", "96", "--n-head", "4"], "head dim n_embd / n_head = 24 must be one of"),
     (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio: must be between 0 and 1"),
     (["--grad-clip", "-1"], "--grad-clip: must be a finite number >= 0"),
     (["--weight-decay", "nan"], "--weight-decay: must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed: must be a whole number, 0 <= seed < 2**64, got -1"),
+    (["--seed", str(2**64)], "--seed: must be a whole number"),
+    (["--out", "/dev/null/run"], "--out: cannot create the directory /dev/null/run"),
 ])
 def test_bad_train_input_is_one_line(corpus, tmp_path, capsys, extra, message):
     args = ["train", "--out", str(tmp_path / "run"), "--no-progress", "--data", str(corpus), *extra]
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and err.startswith("fastcore train: ")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seed", "-1"], "seed=-1: expected a whole number"),
+    (["--out", "/dev/null/prepared"], "out: cannot create the directory /dev/null/prepared"),
+])
+def test_bad_data_prepare_input_is_one_line(tmp_path, capsys, extra, message):
+    (tmp_path / "a.txt").write_text("text")
+    assert cli.main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("fastcore data: ")
 
 
 def test_empty_corpus_and_missing_checkpoint_are_one_line(tmp_path, capsys):
@@ -476,13 +552,22 @@ def test_grad_accum_default_rounds_up_to_the_ranks():
         TrainConfig(grad_accum=2).resolved(world=3)
 
 
-def test_raw_inputs_never_clobber_a_users_directory(tmp_path):
-    (tmp_path / "data").mkdir()
-    text = tmp_path / "data" / "corpus.txt"
+@pytest.mark.parametrize("users", ["corpus", "corpus and a meta.json", "a file"])
+def test_raw_inputs_never_clobber_a_users_directory(tmp_path, users):
+    text = tmp_path / "corpus.txt"
     text.write_text("some text to learn from. " * 400)
-    with pytest.raises(TrainError, match="exists and is not a prepared data directory"):
-        train(TrainConfig(data=[str(text)], out=str(tmp_path), steps=1, **SMALL))
-    assert text.is_file()
+    (tmp_path / "run").mkdir()
+    if users == "a file":
+        (tmp_path / "run" / "data").write_text("mine")
+    else:
+        (tmp_path / "run" / "data").mkdir()
+        shutil.copy(text, tmp_path / "run" / "data" / "corpus.txt")
+        if users == "corpus and a meta.json":
+            (tmp_path / "run" / "data" / "meta.json").write_text("{}")
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "run").rglob("*") if p.is_file())
+    with pytest.raises(TrainError, match="data exists and is not a data directory fastcore prepared"):
+        train(TrainConfig(data=[str(text)], out=str(tmp_path / "run"), steps=1, **SMALL))
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "run").rglob("*") if p.is_file()) == before
 
 
 def test_raw_inputs_are_reused_until_they_change(tmp_path, capsys):

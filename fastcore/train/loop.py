@@ -96,6 +96,8 @@ class TrainConfig:
             raise TrainError(f"--grad-accum ({c.grad_accum}) must be a multiple of the number of ranks ({world})")
         if not 0 <= c.warmup <= c.steps:
             raise TrainError(f"--warmup: must be between 0 and --steps ({c.steps}), got {c.warmup}")
+        if not data.valid_seed(c.seed):
+            raise TrainError(f"--seed: must be a whole number, 0 <= seed < 2**64, got {c.seed}")
         if c.precision not in (None, "bf16", "fp32"):
             raise TrainError(f"--precision: must be bf16 or fp32, got {c.precision!r}")
         return c
@@ -137,6 +139,11 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return None
 
 
+def _mix(seed: int, step: int) -> int:
+    """The seed of one step's draw: distinct per (seed, step), and within torch's 64-bit range."""
+    return (seed * 1_000_003 + step) % (1 << 64)
+
+
 def windows(tokens: np.ndarray, starts, length: int) -> torch.Tensor:
     """``(len(starts), length + 1)`` int64: each window and the token after it (inputs and targets)."""
     return torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in starts]).astype(np.int64))
@@ -163,7 +170,7 @@ class Batches:
 
     def windows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each ``(local micro-batches, batch_size, block_size)`` int64, for ``step``."""
-        g = torch.Generator().manual_seed(self.c.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(_mix(self.c.seed, step))
         b = self.c.batch_size
         starts = torch.randint(len(self.tokens) - self.t, (self.c.grad_accum * b,), generator=g)
         starts = starts[self.first * b:(self.first + self.local) * b].numpy()
@@ -235,8 +242,11 @@ def _prepare_inputs(c: TrainConfig, target: Path) -> None:
     stamp = target / "inputs.json"
     if (target / "meta.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         return
-    if target.exists() and any(target.iterdir()) and not (target / "meta.json").is_file():
-        raise TrainError(f"{target} exists and is not a prepared data directory; move it or choose another --out")
+    # Only a directory this code wrote (its stamp) or an empty one is (re)written: never a user's own.
+    if target.exists() and not (target.is_dir() and (stamp.is_file() or not any(target.iterdir()))):
+        raise TrainError(f"{target} exists and is not a data directory fastcore prepared; move it or choose another --out")
+    target.mkdir(parents=True, exist_ok=True)
+    stamp.write_text("{}")  # ours from here on, and matching no inputs until prepared
     data.prepare(sources, target, progress=c.progress, files=files)  # no second walk of the inputs
     stamp.write_text(json.dumps(fingerprint))
 
@@ -244,8 +254,9 @@ def _prepare_inputs(c: TrainConfig, target: Path) -> None:
 def _split(data_dir: Path, split: str, block_size: int) -> np.ndarray:
     tokens = data.open_split(data_dir, split)
     if len(tokens) < block_size + 1:
+        hint = "prepare it with a larger --val-fraction, " if split == "val" else ""
         raise TrainError(f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than block_size + 1 "
-                         f"= {block_size + 1}; use a shorter --block-size or more data")
+                         f"= {block_size + 1}; {hint}use a shorter --block-size or more data")
     return tokens
 
 
@@ -360,12 +371,11 @@ def train(config: TrainConfig) -> dict:
     if device.type == "cuda" and precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # the MFU peak is TF32's
     out, main = Path(c.out), rank == 0
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out: {out} is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    data.make_dir(out, "--out", TrainError)
 
     data_dir = _resolve_data(c, rank, world)
-    meta = data.load_meta(data_dir)
+    data.load_tokenizer(data_dir)  # a BPE run whose tokenizer.json is missing could not be sampled
+    meta, data_id = data.load_meta(data_dir), data.identity(data_dir)
     mc = c.model_config(meta["tokenizer"]["vocab_size"])
     train_tokens = _split(data_dir, "train", mc.block_size)
     val_tokens = _split(data_dir, "val", mc.block_size)
@@ -376,7 +386,7 @@ def train(config: TrainConfig) -> dict:
     start, ckpt_dir = 0, out / "ckpt"
     earlier = checkpoint.checkpoints(ckpt_dir)
     if c.resume and earlier:
-        start = _restore(earlier[-1], raw, opt, mc, c, device)
+        start = _restore(earlier[-1], raw, opt, mc, c, device, data_id)
     elif main:
         if c.resume:
             print(f"fastcore train: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
@@ -409,7 +419,7 @@ def train(config: TrainConfig) -> dict:
 
     def evaluate() -> float:
         raw.eval()
-        g = torch.Generator().manual_seed(c.seed + 7_777_777)
+        g = torch.Generator().manual_seed((c.seed + 7_777_777) % (1 << 64))
         total = torch.zeros((), dtype=torch.float64, device=device)
         with torch.no_grad():
             for i in range(c.eval_iters):
@@ -468,7 +478,7 @@ def train(config: TrainConfig) -> dict:
                 checkpoint.save(ckpt_dir, done, {
                     "step": done, "model": raw.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": {"lr": c.lr, "min_lr_ratio": c.min_lr_ratio, "warmup": c.warmup, "steps": c.steps},
-                    "rng": _rng_state(device), "data": {"next_step": done, "seed": c.seed, "world_size": world},
+                    "rng": _rng_state(device), "data": {"next_step": done, "seed": c.seed, "world_size": world, **data_id},
                     "config": {"model": dataclasses.asdict(mc), "train": dataclasses.asdict(c)},
                 }, c.keep_ckpts)
     finally:
@@ -494,8 +504,14 @@ def _reduction_stats(model, world: int) -> dict:
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lr", "min_lr_ratio", "warmup", "steps", "weight_decay", "grad_clip")
 
 
-def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfig, device: torch.device) -> int:
+def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfig, device: torch.device,
+             data_id: dict) -> int:
     state = checkpoint.load(path)
+    saved_data = state.get("data", {}) if isinstance(state.get("data"), dict) else {}
+    if saved_data.get("tokenizer", data_id["tokenizer"]) != data_id["tokenizer"]:
+        raise checkpoint.CheckpointError(f"checkpoint {path} was trained with another tokenizer than this run's data, "
+                                         "so its token ids would mean other text; resume with the data it was "
+                                         "trained on, or start a new run in another --out")
     try:
         saved = state["config"]["model"]
         if saved != dataclasses.asdict(mc):
@@ -515,6 +531,8 @@ def _restore(path: Path, raw: GPT, opt: FusedAdamW, mc: GPTConfig, c: TrainConfi
     saved_train = state["config"].get("train", {})
     changed = [f"--{k.replace('_', '-')} {saved_train[k]} -> {getattr(c, k)}" for k in RESUME_KEYS
                if k in saved_train and saved_train[k] != getattr(c, k)]
+    if saved_data.get("meta", data_id["meta"]) != data_id["meta"]:
+        changed.append("--data: other data (its meta.json differs)")
     if changed:
         print(f"fastcore train: note: resuming {path} with changed settings ({', '.join(changed)}); "
               "the run continues, but not as an uninterrupted run would", file=sys.stderr)

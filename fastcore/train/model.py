@@ -162,7 +162,8 @@ class GPT(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # Shifted first: a tiny temperature then sends the rest to -inf, not the maximum to inf (nan).
+                logits = (logits - logits.amax(-1, keepdim=True)) / temperature
                 if top_k is not None and top_k < logits.shape[-1]:
                     kth = torch.topk(logits, top_k).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, -math.inf)

@@ -1,6 +1,7 @@
 """``fastcore sample``: continue a prompt with a trained checkpoint."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -36,15 +37,20 @@ def sample(path: str | Path, prompt: str, tokens: int, *, temperature: float = 0
     """``prompt`` followed by ``tokens`` sampled tokens, decoded."""
     if tokens < 0:
         raise TrainError(f"--tokens: must be >= 0, got {tokens}")
-    if temperature < 0:
-        raise TrainError(f"--temperature: must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise TrainError(f"--temperature: must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 0:
         raise TrainError(f"--top-k: must be >= 0 (0: no top-k), got {top_k}")
+    if not data.valid_seed(seed):
+        raise TrainError(f"--seed: must be a whole number, 0 <= seed < 2**64, got {seed}")
     top_k = top_k or None
     device = resolve_device(device)
     model, ckpt = load_model(path, device)
     tok = data.load_tokenizer(_tokenizer_dir(ckpt))
-    ids = tok.encode(prompt) or [tok.eot]
+    try:
+        ids = tok.encode(prompt) or [tok.eot]
+    except ValueError as exc:
+        raise TrainError(f"--prompt: {exc}; on the command line, pass UTF-8") from None
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, tokens, temperature=temperature, top_k=top_k, generator=g)
