@@ -75,10 +75,51 @@ def test_non_contiguous_sources_and_empty_lists(device, backend):
     ([torch.zeros(4)], [torch.zeros(2, 2).t()], 1.0, ValueError, "contiguous"),
     ([torch.zeros(4)], [torch.zeros(4)], float("inf"), ValueError, "scale must be a finite number"),
     ([torch.zeros(4)], [torch.zeros(4)], "2", ValueError, "scale must be a finite number"),
+    (None, [torch.zeros(1)], 1.0, TypeError, "srcs must be a list or tuple of tensors, got NoneType"),
+    ([torch.zeros(2, 2).to_sparse()], [torch.zeros(4)], 1.0, ValueError, r"srcs\[0\] must be a dense tensor"),
+    ([torch.zeros(4)], [torch._neg_view(torch.zeros(4))], 1.0, ValueError, "not a negative view"),
 ])
 def test_bad_input(srcs, dsts, scale, error, match):
     with pytest.raises(error, match=match):
         fastcore.ops.pack(srcs, dsts, scale)
+
+
+@pytest.mark.parametrize("case", ["shifted copy", "two destinations", "inside a strided source"])
+def test_a_destination_overlapping_another_tensor_is_refused(case):
+    buf = torch.arange(20.0)
+    srcs, dsts, match = {
+        "shifted copy": ([buf[0:5]], [buf[1:6]], r"srcs\[0\] and dsts\[0\]"),
+        "two destinations": ([torch.zeros(3), torch.zeros(3)], [buf[0:3], buf[2:5]], r"dsts\[0\] and dsts\[1\]"),
+        # Every other element of each row: its address range, buf[0:20], is what is checked.
+        "inside a strided source": ([buf.view(4, 5)[:, ::2]], [buf[6:18]], r"srcs\[0\] and dsts\[0\]"),
+    }[case]
+    before = buf.clone()
+    with pytest.raises(ValueError, match=match + " share memory"):
+        fastcore.ops.pack(srcs, dsts)
+    assert torch.equal(buf, before)
+
+
+def test_sources_may_share_memory():
+    buf = torch.arange(5.0)
+    out = [torch.empty(5), torch.empty(5)]
+    fastcore.ops.pack([buf, buf[0:5]], out, 2.0)
+    assert torch.equal(out[0], buf * 2) and torch.equal(out[1], buf * 2)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("pack"))
+def test_a_negative_view_source_packs_its_values(device, backend):
+    x = torch.arange(1.0, 5.0, device=device)
+    out = torch.empty(4, device=device)
+    fastcore.ops.pack([torch._neg_view(x)], [out], 2.0, backend=backend)
+    assert out.tolist() == [-2.0, -4.0, -6.0, -8.0]
+
+
+def test_auto_falls_back_to_the_reference_for_destinations_no_fused_backend_takes():
+    x = torch.randn(10)
+    got, want = torch.empty(10, dtype=torch.float8_e4m3fn), torch.empty(10, dtype=torch.float8_e4m3fn)
+    fastcore.ops.pack([x], [got], 0.5)
+    reference.pack([x], [want], 0.5)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_float64_destinations_refuse_triton():

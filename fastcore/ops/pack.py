@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastcore import reference
-from fastcore.backends import resolve_backend
+from fastcore.backends import resolve_backend, why_unavailable
 from fastcore.ops import launch_table
 
 
@@ -41,11 +41,15 @@ def pack_unchecked(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float 
     device, src_dtype, dst_dtype = srcs[0].device, srcs[0].dtype, dsts[0].dtype
     name = resolve_backend("pack", backend, device, src_dtype)
     if dst_dtype != src_dtype:
-        resolve_backend("pack", backend if backend != "auto" else name, device, dst_dtype)
+        if backend == "auto" and why_unavailable(name, device, dst_dtype, "pack") is not None:
+            name = "reference"  # the fused backend takes the sources' dtype but not the destinations'
+        else:
+            resolve_backend("pack", name, device, dst_dtype)
     if name == "reference":
         reference.pack(srcs, dsts, scale)
         return
-    srcs = [s if s.is_contiguous() else s.contiguous() for s in srcs]  # kept alive until the kernel is queued
+    # Kept alive until the kernel is queued. A negative view's memory holds the values negated.
+    srcs = [s if s.is_contiguous() and not s.is_neg() else s.resolve_neg().contiguous() for s in srcs]
     numels = [s.numel() for s in srcs]
     chunk = launch_table.chunk_size("pack", name, device)
     meta = launch_table.table([launch_table.addresses(srcs, len(srcs)), launch_table.addresses(list(dsts), len(dsts)),
@@ -63,6 +67,9 @@ def pack_unchecked(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float 
 
 
 def _check(srcs, dsts, scale) -> None:
+    for name, seq in (("srcs", srcs), ("dsts", dsts)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"pack: {name} must be a list or tuple of tensors, got {type(seq).__name__}")
     if len(srcs) != len(dsts):
         raise ValueError(f"pack: srcs has {len(srcs)} tensors but dsts has {len(dsts)}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -80,5 +87,33 @@ def _check(srcs, dsts, scale) -> None:
                             f"{s.dtype} -> {d.dtype}, pair 0 is {srcs[0].dtype} -> {dsts[0].dtype}")
         if s.device != srcs[0].device or d.device != srcs[0].device:
             raise ValueError(f"pack: every tensor must be on {srcs[0].device}; pair {i} is on {s.device} -> {d.device}")
-        if not d.is_contiguous():
-            raise ValueError(f"pack: dsts[{i}] must be contiguous (it is written through its address)")
+        for name, t in (("srcs", s), ("dsts", d)):
+            if t.layout != torch.strided:
+                raise ValueError(f"pack: {name}[{i}] must be a dense tensor, got layout {t.layout}")
+        if not d.is_contiguous() or d.is_neg():
+            raise ValueError(f"pack: dsts[{i}] must be contiguous and not a negative view "
+                             "(it is written through its address)")
+    _check_no_overlap(srcs, dsts)
+
+
+def _check_no_overlap(srcs, dsts) -> None:
+    """No destination may share memory with another destination or with a source: the kernels read
+    and write in no set order, so the result would depend on the backend."""
+    spans = []  # (start, end, is destination, index): each tensor's address range, gaps of a stride included
+    for dst, tensors in ((False, srcs), (True, dsts)):
+        for i, t in enumerate(tensors):
+            if t.numel() and t.data_ptr():  # (meta tensors have no memory)
+                last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), dst, i))
+    spans.sort()
+    reach = {False: None, True: None}  # of each kind so far, the span that ends last
+    for span in spans:
+        start, _, dst, i = span
+        for kind in ((False, True) if dst else (True,)):
+            other = reach[kind]
+            if other is not None and other[1] > start:
+                a, b = sorted([(dst, i), (other[2], other[3])])  # sources first
+                raise ValueError(f"pack: {'dsts' if a[0] else 'srcs'}[{a[1]}] and {'dsts' if b[0] else 'srcs'}[{b[1]}] "
+                                 "share memory; a destination must not overlap another tensor")
+        if reach[dst] is None or span[1] > reach[dst][1]:
+            reach[dst] = span
