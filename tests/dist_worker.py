@@ -170,20 +170,38 @@ class Blocks(nn.Module):
         return self.branch(x) if use_branch else x
 
 
+def nondense(rank, world, opts):
+    """A parameter and a buffer that are strided slices (not dense): rank 0's values on every rank,
+    at construction and, for the buffer, before each training forward."""
+    torch.manual_seed(rank)
+    model = nn.Linear(6, 4)
+    model.weight = nn.Parameter(torch.randn(4, 12)[:, ::2])
+    model.register_buffer("running", torch.randn(3, 8)[:, ::2])
+    dp = DataParallel(model)
+    result = {"weight": model.weight.tolist(), "at_start": model.running.tolist()}
+    with torch.no_grad():
+        model.running.add_(rank)
+    dp(torch.randn(2, 6)).sum().backward()
+    result["after_forward"] = model.running.tolist()
+    return result
+
+
 def grads(rank, world, opts):
     """Gradients after DataParallel against one process on the global batch, for the awkward cases."""
     mode = opts["mode"]
     torch.manual_seed(0 if rank == 0 else 7 + rank)
     model = Blocks()
-    dp = DataParallel(model, find_unused_parameters=mode == "unused_nosync")
+    dp = DataParallel(model, find_unused_parameters=mode.startswith("unused_nosync"))
+    branch_in_no_sync = (lambda r: r == 0) if mode == "unused_nosync_rank0" else (lambda r: True)
     x, y = data(0)
     x, y = x.requires_grad_(), y[:, :1].expand(-1, 5).contiguous()
     result = {"frozen": model.frozen.weight.sum().item()}
     if mode == "checkpoint":
         loss_fn(dp, shard(x, rank, world), shard(y, rank, world)).backward()
-    elif mode == "unused_nosync":  # the branch takes part only in the no_sync micro-batch
+    elif mode.startswith("unused_nosync"):  # the branch takes part only in the no_sync micro-batch (of rank 0)
         with dp.no_sync():
-            (loss_fn(dp, shard(x, rank, world)[:3], shard(y, rank, world)[:3]) / 2).backward()
+            (loss_fn(dp, shard(x, rank, world)[:3], shard(y, rank, world)[:3],
+                     use_branch=branch_in_no_sync(rank)) / 2).backward()
         (loss_fn(dp, shard(x, rank, world)[3:], shard(y, rank, world)[3:], use_branch=False) / 2).backward()
     elif mode == "one_rank_unused":  # rank 1 leaves the branch out: it alone raises, nobody hangs
         try:
@@ -200,10 +218,12 @@ def grads(rank, world, opts):
             if mode == "checkpoint":
                 (loss_fn(ref, xs[r], ys[r]) / world).backward()
             else:
-                (loss_fn(ref, xs[r][:3], ys[r][:3]) / 2 / world).backward()
+                (loss_fn(ref, xs[r][:3], ys[r][:3], use_branch=branch_in_no_sync(r)) / 2 / world).backward()
                 (loss_fn(ref, xs[r][3:], ys[r][3:], use_branch=False) / 2 / world).backward()
         result["err"] = max(rel_err(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters())
                             if q.grad is not None)
+    g = model.branch.weight.grad
+    result["branch_grad"] = None if g is None else g.reshape(-1).tolist()
     return result
 
 
@@ -519,7 +539,7 @@ SCENARIOS = {"module": module, "outputs": outputs, "evaluate": evaluate, "copies
              "user_hooks": user_hooks, "interrupted": interrupted,
              "parity": lambda r, w, o: train_parity(r, w, o.get("dp", {}), o.get("micro", 1)),
              "compress": compress, "unused": unused, "die": die, "grads": grads, "double_backward": double_backward,
-             "layouts": layouts, "mismatch": mismatch, "backward_time": backward_time}
+             "layouts": layouts, "mismatch": mismatch, "nondense": nondense, "backward_time": backward_time}
 
 
 def main():

@@ -213,13 +213,20 @@ def test_unused_parameters_are_named_or_reduced_as_zeros_or_left_alone(tmp_path)
     assert all(r["unused everywhere keeps None"] and r["used on one rank"] for r in allowed), allowed
 
 
-@pytest.mark.parametrize("mode", ["checkpoint", "unused_nosync"])
+@pytest.mark.parametrize("mode", ["checkpoint", "unused_nosync", "unused_nosync_rank0"])
 def test_checkpointing_and_gradients_kept_from_no_sync(tmp_path, mode):
     """Reentrant activation checkpointing runs nested backward passes; a parameter used only under
-    no_sync keeps its accumulated gradient, which is averaged. Frozen weights are rank 0's everywhere."""
+    no_sync (on every rank, or on rank 0 alone) keeps its accumulated gradient, which is averaged,
+    the same on every rank, as DDP's. Frozen weights are rank 0's everywhere."""
     results = run_ranks("grads", 2, tmp_path, mode=mode)
     assert results[0]["err"] <= 1e-5, results[0]["err"]
     assert results[0]["frozen"] == results[1]["frozen"]
+    assert results[0]["branch_grad"] is not None and results[0]["branch_grad"] == results[1]["branch_grad"]
+
+
+def test_parameters_and_buffers_that_are_not_dense_take_rank_0s_values(tmp_path):
+    r0, r1 = run_ranks("nondense", 2, tmp_path)
+    assert r0 == r1 and r0["at_start"] == r0["after_forward"]
 
 
 def test_an_unused_parameter_on_one_rank_raises_there_without_hanging_the_others(tmp_path):
@@ -267,8 +274,10 @@ def test_bucket_assignment_rejects_bad_arguments():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(compress="int8"), ValueError, "compress must be None, 'bf16' or 'fp16'"),
-    (dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a number > 0"),
-    (dict(first_bucket_mb=-1), ValueError, "first_bucket_mb must be a number > 0"),
+    (dict(bucket_cap_mb=0), ValueError, r"bucket_cap_mb must be a finite number of MiB, at least one byte"),
+    (dict(first_bucket_mb=-1), ValueError, "first_bucket_mb must be a finite number of MiB"),
+    (dict(bucket_cap_mb=float("inf")), ValueError, "bucket_cap_mb must be a finite number of MiB"),
+    (dict(first_bucket_mb=1e-9), ValueError, r"first_bucket_mb must be .* at least one byte \(2\*\*-20\), got 1e-09"),
     (dict(), RuntimeError, "torch.distributed is not initialised"),
 ])
 def test_data_parallel_rejects_bad_arguments(kwargs, error, match):

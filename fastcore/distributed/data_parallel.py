@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 import weakref
@@ -186,8 +187,9 @@ class DataParallel(nn.Module):
         if compress not in _COMPRESS:
             raise ValueError(f"DataParallel: compress must be None, 'bf16' or 'fp16', got {compress!r}")
         for name, mb in (("bucket_cap_mb", bucket_cap_mb), ("first_bucket_mb", first_bucket_mb)):
-            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
-                raise ValueError(f"DataParallel: {name} must be a number > 0, got {mb!r}")
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 2**-20 <= mb < math.inf:
+                raise ValueError(f"DataParallel: {name} must be a finite number of MiB, at least one byte "
+                                 f"(2**-20), got {mb!r}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"DataParallel: module must be a torch.nn.Module, got {type(module).__name__}")
         if not dist.is_available() or not dist.is_initialized():
@@ -216,8 +218,18 @@ class DataParallel(nn.Module):
         self._check_ranks_agree(module)
         with torch.no_grad():  # every parameter, frozen ones too, and every buffer: rank 0's values
             for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t, self._src, group=self.process_group)
+                self._broadcast(t)
         self._attach()
+
+    def _broadcast(self, t: Tensor) -> None:
+        """Rank 0's values into ``t``; through a dense copy when ``t`` is not dense, since a collective
+        on such a tensor leaves the receiving ranks' values as they were, with no error."""
+        if t.is_contiguous() or _dense(t):
+            dist.broadcast(t, self._src, group=self.process_group)
+        else:
+            dense = t.contiguous()
+            dist.broadcast(dense, self._src, group=self.process_group)
+            t.copy_(dense)
 
     def _attach(self) -> None:
         """Buckets, gradient hooks and the clock: all a copy (deepcopy, unpickling) rebuilds. No collective."""
@@ -436,7 +448,7 @@ class DataParallel(nn.Module):
             if self._wire[b] is not self._bucket_data[b] or not self.gradient_as_bucket_view:
                 self._unpack(b)
         if self.find_unused_parameters:
-            self._forget_unused(unready, had_none)
+            self._forget_unused(had_none)
         self._record_stats(t_end)
         if not self._rebuilt:
             self._rebuild()
@@ -447,11 +459,12 @@ class DataParallel(nn.Module):
                                "Make every parameter take part in the loss, or pass "
                                "find_unused_parameters=True to reduce zeros for them.")
 
-    def _forget_unused(self, unready: list[int], had_none: list[int]) -> None:
-        """As DDP: a parameter that no rank used keeps the gradient it had, None included, so an
-        optimizer leaves it alone. Every rank sums the used flags (one small collective a pass)."""
+    def _forget_unused(self, had_none: list[int]) -> None:
+        """As DDP: a parameter that no rank used since the last reduction, under no_sync() included,
+        keeps its gradient None, so an optimizer leaves it alone; where any rank has a gradient for it,
+        every rank keeps the average. Every rank sums the flags (one small collective a pass)."""
         used = torch.ones(len(self._params), dtype=torch.int32, device=self._bucket_data[0].device)
-        used[unready] = 0
+        used[had_none] = 0
         dist.all_reduce(used, group=self.process_group)
         for i in had_none:
             if used[i] == 0:
@@ -530,7 +543,7 @@ class DataParallel(nn.Module):
         if sync and self.broadcast_buffers and not inside:  # not when evaluating: ranks may run different numbers of batches
             with torch.no_grad():
                 for t in self.module.buffers():
-                    dist.broadcast(t, self._src, group=self.process_group)
+                    self._broadcast(t)
         out = self.module(*args, **kwargs)
         if torch.is_grad_enabled():  # an evaluation forward between a forward and its backward changes nothing
             self._armed, self._early = self._sync, []
