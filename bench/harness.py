@@ -129,18 +129,26 @@ def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: in
 clock = time.perf_counter  # the CPU timer; tests substitute a fake one here
 
 
-def time_cpu(steps: dict[str, Callable], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+def time_cpu(steps: dict[str, Callable], repeats: int, warmup: int = 3,
+             failed: dict[str, Exception] | None = None) -> dict[str, list[float]]:
     """Milliseconds per call, ``repeats`` samples each, taking the providers round-robin so that
-    drift on a shared machine hits them alike."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
+    drift on a shared machine hits them alike. With ``failed``, a provider that raises is dropped
+    from the rotation and its exception recorded there; without it, the exception propagates."""
+    live = dict(steps)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for i in range(warmup + repeats):
+        for name, step in list(live.items()):
             start = clock()
-            step()
-            samples[name].append((clock() - start) * 1e3)
+            try:
+                step()
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed[name] = exc
+                del live[name], samples[name]
+                continue
+            if i >= warmup:
+                samples[name].append((clock() - start) * 1e3)
     return samples
 
 
@@ -335,6 +343,10 @@ def _skip(run: Run, op: str, provider: str, reason: str, case: str | None = None
     run.skipped.append(entry)
 
 
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}"
+
+
 def _setup(bench: Benchmark, case: Case, fns: dict, device: str, run: Run) -> dict:
     """provider -> step, each run once; a provider failing one case must not sink the others."""
     steps = {}
@@ -344,9 +356,17 @@ def _setup(bench: Benchmark, case: Case, fns: dict, device: str, run: Run) -> di
             step()  # compiles, builds and warms up outside the timed region
             steps[name] = step
         except Exception as exc:
-            _skip(run, bench.op, name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                  case.label)
+            _skip(run, bench.op, name, f"failed: {_failure(exc)}", case.label)
     return steps
+
+
+def _guarded(name: str, failed: dict, fn: Callable, *args):
+    """``fn(*args)``, or None with the exception recorded under ``name`` in ``failed``."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        failed[name] = exc
+        return None
 
 
 def _runnable(bench: Benchmark, device: str, no_compile: bool, run: Run) -> dict:
@@ -426,17 +446,28 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
                 steps = _setup(bench, case, fns if p == 0 else {n: fns[n] for n in samples[i]}, device, result)
                 for name in set(samples[i]) - set(steps):  # failed in a later pass: no row from part of the samples
                     del samples[i][name]
+                # A provider that fails while measured loses this case's row; the others keep theirs.
+                failed: dict[str, Exception] = {}
                 if device == "cuda":
-                    timings = {name: (*time_cuda(step), None) for name, step in steps.items()}
+                    on_gpu = {name: _guarded(name, failed, time_cuda, step) for name, step in steps.items()}
                 else:
-                    for name, s in time_cpu(steps, -(-repeats // passes), warmup=2).items():
+                    for name, s in time_cpu(steps, -(-repeats // passes), warmup=2, failed=failed).items():
                         samples[i].setdefault(name, []).extend(s)
-                    timings = {name: (*median_iqr(s), len(s)) for name, s in samples[i].items() if name in steps}
                 if p == 0:
-                    peaks[i] = {name: peak_memory(step, device) for name, step in steps.items()}
+                    peaks[i] = {name: _guarded(name, failed, peak_memory, step, device) for name, step in steps.items()
+                                if name not in failed}
+                # A step may report figures of its own (data parallel: the overlap fraction).
+                extras = {name: _guarded(name, failed, step.extras) for name, step in steps.items()
+                          if p == passes - 1 and hasattr(step, "extras") and name not in failed}
+                for name, exc in failed.items():
+                    _skip(result, bench.op, name, f"failed while measured: {_failure(exc)}", case.label)
+                    samples[i].pop(name, None)
+                    steps.pop(name)
+                if device == "cuda":
+                    timings = {name: (*on_gpu[name], None) for name in steps}
+                else:
+                    timings = {name: (*median_iqr(s), len(s)) for name, s in samples[i].items() if name in steps}
                 if p == passes - 1:
-                    # A step may report figures of its own (data parallel: the overlap fraction).
-                    extras = {name: step.extras() for name, step in steps.items() if hasattr(step, "extras")}
                     for row in _rows(bench, case, timings, peaks[i], result, extras):
                         if on_row:
                             on_row(row)

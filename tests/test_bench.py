@@ -145,6 +145,39 @@ def test_a_step_can_add_figures_to_its_row():
     assert [r["overlap"] for r in rows] == [0.25]
 
 
+@pytest.mark.parametrize("fails_in", ["timing", "extras"])
+def test_a_provider_failing_while_measured_loses_only_its_own_row(fails_in):
+    calls = {"n": 0}
+
+    def breaks_on_third_call(x):
+        calls["n"] += 1
+        if calls["n"] == 3 and fails_in == "timing":
+            raise RuntimeError("broke on its 3rd call")
+        return x
+
+    def setup(fn, case, device):
+        step = _toy_setup(fn, case, device)
+        if fails_in == "extras" and fn is breaks_on_third_call:
+            step.extras = lambda: 1 / 0
+        return step
+
+    bench = harness.Benchmark(op="toy_breaks", providers=lambda d: {"torch": CLOCK.spender(2),
+                                                                    "fastcore-breaks": breaks_on_third_call},
+                              cases=_toy_cases, setup=setup, work=lambda case: ("bytes", 8))
+    harness.register(bench)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(harness, "clock", CLOCK.perf_counter)
+            mp.setattr(harness, "copy_bandwidth", lambda device: 10.0)
+            result = harness.run([bench.op], device="cpu", quick=True, repeats=harness.MIN_REPEATS)
+    finally:
+        harness.unregister(bench.op)
+    assert [r["provider"] for r in result.rows] == ["torch"]
+    reason = "RuntimeError: broke on its 3rd call" if fails_in == "timing" else "ZeroDivisionError"
+    assert [(e["provider"], e["reason"].startswith("failed while measured: " + reason)) for e in result.skipped] \
+        == [("fastcore-breaks", True)]
+
+
 def test_adamw_bytes_and_lists_by_hand():
     from fastcore.bench import bench_adamw
 
