@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from fastcore import reference
+from fastcore.files import write_text_atomic
 from fastcore.reference.attention import causal_keep
 from fastcore.bench.bench_attention import HIDDEN, TOKENS, tensors
 from fastcore.bench.harness import attention_flops, device_slug
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"D={head_dim} causal={causal} {kind}: " + (f"{found['table'][kind]} at {best:.0f} TFLOP/s"
                   if best is not None else f"no candidate passed; the table's {found['table'][kind]} stays"), flush=True)
         # Written after each slice, so a run stopped by a time limit keeps what it finished.
-        path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "results": results}, indent=1) + "\n")
+        write_text_atomic(path, json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                            "results": results}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -342,7 +342,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
     first = checkpoint.save(tmp_path, 1, {"x": torch.ones(3)}, keep=3)
 
     def torn(obj, f):
-        f.write(b"PK\x03\x04 half a checkpoint")
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", torn)
     with pytest.raises(OSError, match="disk full"):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fastcore.files import write_atomic
+
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -37,20 +39,12 @@ def save(directory: str | os.PathLike, step: int, state: dict, keep: int) -> Pat
         if not stale.name.endswith(f"-{os.getpid()}"):
             stale.unlink(missing_ok=True)
     path = d / f"step_{step:08d}.pt"
-    tmp = d / f".{path.name}.tmp-{os.getpid()}"
+    write_atomic(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    fd = os.open(d, os.O_RDONLY)  # make the rename itself durable
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(d, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
     for old in checkpoints(d)[:-keep]:
         old.unlink(missing_ok=True)
     return path

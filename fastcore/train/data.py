@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastcore.files import write_atomic, write_text_atomic
 from fastcore.train.progress import Progress
 
 FORMAT = 1
@@ -233,16 +234,6 @@ def make_dir(path: Path, name: str, error: type[Exception]) -> None:
         raise error(f"{name}: cannot create the directory {path} ({exc.strerror})") from None
 
 
-def _write_atomic(path: Path, write):
-    """Write through a temporary name so an interrupted prepare never leaves a half file under ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte", vocab: int | None = None,
             val_fraction: float = 0.05, seed: int = 0, progress: bool = True,
             files: list[Path] | None = None) -> dict:
@@ -275,18 +266,18 @@ def _prepare_files(files: list[Path], out: Path, *, tokenizer: str, vocab: int |
         tok.encode_special_tokens = True  # a document quoting "<|endoftext|>" must not split itself
         info.update(vocab_size=tok.get_vocab_size(), eot=tok.token_to_id(EOT_TEXT), file="tokenizer.json")
         tokens = _bpe_tokens(tok, texts, info["eot"])
-        _write_atomic(out / "tokenizer.json", lambda p: tok.save(str(p)))
+        write_atomic(out / "tokenizer.json", lambda p: tok.save(str(p)))
 
     dtype = np.uint16 if info["vocab_size"] <= 1 << 16 else np.uint32
     tokens = tokens.astype(dtype, copy=False)
     n_val = int(len(tokens) * val_fraction)
     train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    _write_atomic(out / "train.bin", train.tofile)
-    _write_atomic(out / "val.bin", val.tofile)
+    write_atomic(out / "train.bin", train.tofile)
+    write_atomic(out / "val.bin", val.tofile)
     meta = {"format": FORMAT, "tokenizer": info, "dtype": np.dtype(dtype).name,
             "train_tokens": len(train), "val_tokens": len(val), "documents": len(docs), **counts,
             "bytes": sum(len(d) for d in docs), "sources": sources, "seed": seed, "val_fraction": val_fraction}
-    _write_atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     invalid = counts["invalid_utf8_files"]
     print(f"prepared {len(docs)} documents ({_dropped(counts)} dropped"
           + (f"; invalid UTF-8 in {invalid} file{'s' * (invalid != 1)} replaced by U+FFFD" if invalid else "")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastcore.files import write_text_atomic
 from fastcore.optim import FusedAdamW
 from fastcore.train import checkpoint, data
 from fastcore.train.model import GPT, MODEL_KEYS, PRESETS, GPTConfig
@@ -308,7 +309,7 @@ class _Log:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):  # a line torn by the interruption
                     continue
-        data._write_atomic(self.path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         self.tb = None if writer is None else writer(str(out / "tensorboard"))
 
