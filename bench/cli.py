@@ -32,8 +32,37 @@ def spin_openmp_workers(argv: list[str]) -> None:
 
 
 def _write_json(data: dict, path: Path) -> None:
+    from fastcore.files import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def _check_paths(p: argparse.ArgumentParser, files: dict, plot_dir: Path | None = None) -> None:
+    """Output paths checked before any work, so that a long run never ends on a bad one."""
+    for flag, path in files.items():
+        if path is None:
+            continue
+        if path.is_dir():
+            p.error(f"{flag}: {path} is a directory; expected a file path")
+        _check_parent(p, flag, path.parent)
+    if plot_dir is not None:
+        if plot_dir.exists() and not plot_dir.is_dir():
+            p.error(f"--plot: {plot_dir} exists and is not a directory")
+        _check_parent(p, "--plot", plot_dir)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install 'fastcore-engine[bench]'")
+
+
+def _check_parent(p: argparse.ArgumentParser, flag: str, path: Path) -> None:
+    # The nearest existing ancestor must be a directory: mkdir cannot go through a file.
+    for up in (path, *path.parents):
+        if up.exists():
+            if not up.is_dir():
+                p.error(f"{flag}: {up} is a file, so {path} cannot be a directory")
+            return
 
 
 def _render(data: dict, markdown: bool, plot_dir: Path | None) -> None:
@@ -67,6 +96,7 @@ def run_main(argv: list[str], command_line: bool) -> int:
         harness.check_args(args.ops, args.device, args.repeats)
     except ValueError as exc:
         p.error(str(exc))
+    _check_paths(p, {"--json": args.json}, args.plot)
     if args.device == "cpu" and command_line:
         spin_openmp_workers(argv)
 
@@ -97,6 +127,7 @@ def compare_main(argv: list[str]) -> int:
                         f"{compare.DEFAULT_MARGIN_PCT:.0f})")
     p.add_argument("--write", type=Path, metavar="PATH", help="also write the updated baseline here")
     args = p.parse_args(argv)
+    _check_paths(p, {"--write": args.write})
     try:
         current = compare.load(args.current, "current")
         path, note = compare.baseline_path(args.baseline, current)
@@ -120,7 +151,7 @@ def compare_main(argv: list[str]) -> int:
     bad = compare.failed(entries)
     better = [e for e in entries if e.status == "improved"]
     updated = compare.updated_baseline(baseline, current)
-    print(f"\n{len(bad)} regressed or missing, {len(better)} improved, "
+    print(f"\n{len(bad)} regressed, missing or measured over another reference, {len(better)} improved, "
           f"{sum(e.status == 'new' for e in entries)} new, of {len(entries)} cases.")
     print(f"updated baseline: this run's speedups with the baseline's margins. Committing it as {path} "
           "accepts them; a baseline from several runs (`fastcore bench baseline`) is steadier:")
@@ -141,6 +172,7 @@ def baseline_main(argv: list[str]) -> int:
     p.add_argument("runs", type=Path, nargs="+", help="results files of the same tree on one machine class")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    _check_paths(p, {"--out": args.out})
     try:
         data = compare.from_runs([compare.load(r, "runs") for r in args.runs])
     except ValueError as exc:
@@ -164,6 +196,7 @@ def show_main(argv: list[str]) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--plot", type=Path, metavar="DIR")
     args = p.parse_args(argv)
+    _check_paths(p, {}, args.plot)
     try:
         data = compare.load(args.results, "results")
     except ValueError as exc:

@@ -43,8 +43,10 @@ def load(path: Path, what: str) -> dict:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"{what}: no such file: {path}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what}: {path} is not JSON ({exc})") from None
+    except OSError as exc:  # a directory, no permission
+        raise ValueError(f"{what}: cannot read {path} ({exc.strerror})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list) or "machine" not in data:
         raise ValueError(f"{what}: {path} is not a fastcore bench results file "
                          "(expected {\"machine\": ..., \"results\": [...]})")
@@ -74,17 +76,17 @@ def load(path: Path, what: str) -> dict:
 
 def baseline_path(path: Path, current: dict) -> tuple[Path, str | None]:
     """A baseline file, or the one for the current run's machine class in a directory of them,
-    with a note when it had to settle for the nearest class (a CPU of another model string with
-    the same thread count)."""
+    with a note when it had to settle for the nearest class: a CPU of the same vendor and thread
+    count but another model string (another vendor's vector units shift the speedups)."""
     path = Path(path)
     if not path.is_dir():
         return path, None
     slug = current["machine"]["slug"]
     exact = path / f"{slug}.json"
-    threads = re.fullmatch(r"cpu-.*-(\d+core)", slug)
-    if exact.exists() or not threads:
+    cls = re.fullmatch(r"cpu-([a-z0-9]+)-.*-(\d+core)", slug)
+    if exact.exists() or not cls:
         return exact, None
-    near = sorted(path.glob(f"cpu-*-{threads.group(1)}.json"))
+    near = sorted(path.glob(f"cpu-{cls.group(1)}-*-{cls.group(2)}.json"))
     if len(near) != 1:
         return exact, None
     return near[0], f"no baseline for {slug}; using the nearest machine class, {near[0].stem}"
@@ -96,7 +98,7 @@ class Entry:
     baseline: float | None
     current: float | None
     margin_pct: float
-    status: str  # ok | regressed | improved | missing | new
+    status: str  # ok | regressed | improved | missing | new | reference changed
 
     @property
     def change_pct(self) -> float | None:
@@ -117,8 +119,11 @@ def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> l
     for k, row in base.items():
         margin = margin_pct if margin_pct is not None else row.get("margin_pct", DEFAULT_MARGIN_PCT)
         now = cur.get(k, {}).get("speedup")
+        over = (row.get("speedup_over"), cur.get(k, {}).get("speedup_over"))
         if now is None:
             status = "missing"
+        elif None not in over and over[0] != over[1]:
+            status = "reference changed"  # a ratio over another provider: not comparable
         elif now < row["speedup"] * (1 - margin / 100):
             status = "regressed"
         elif now > row["speedup"] * (1 + margin / 100):
@@ -133,7 +138,7 @@ def compare(baseline: dict, current: dict, margin_pct: float | None = None) -> l
 
 
 def failed(entries: list[Entry]) -> list[Entry]:
-    return [e for e in entries if e.status in ("regressed", "missing")]
+    return [e for e in entries if e.status in ("regressed", "missing", "reference changed")]
 
 
 def table(entries: list[Entry]) -> str:
@@ -147,7 +152,7 @@ def table(entries: list[Entry]) -> str:
 
 
 def _slim(row: dict, margin_pct: float) -> dict:
-    keep = ("op", "provider", "case", "mode", "speedup")
+    keep = ("op", "provider", "case", "mode", "speedup", "speedup_over")
     return {**{k: row[k] for k in keep if k in row}, "margin_pct": margin_pct}
 
 

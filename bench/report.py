@@ -82,18 +82,18 @@ def plot(data: dict, outdir: Path) -> list[Path]:
         unit = "tflops" if "tflops" in rows[0] else "gbps"
         panels = defaultdict(list)
         for r in rows:
-            panels[(r["mode"], r["dtype"])].append(r)
-        keys = sorted(panels, key=lambda k: (k[1], MODES.index(k[0]) if k[0] in MODES else len(MODES)))
+            panels[(r["mode"], r["dtype"], _tag(r))].append(r)
+        keys = sorted(panels, key=lambda k: (k[1], k[2], MODES.index(k[0]) if k[0] in MODES else len(MODES)))
         ncols = min(3, len(keys))
         nrows = -(-len(keys) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
         for ax, key in zip(axes.flat, keys):
             for provider in _provider_names(panels[key]):
-                pts = sorted((r["size"], r[unit]) for r in panels[key] if r["provider"] == provider)
-                style = "-o" if provider.startswith("fastcore-") else "--."
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=provider)
+                for label, pts in _series(provider, [r for r in panels[key] if r["provider"] == provider], unit):
+                    style = "-o" if provider.startswith("fastcore-") else "--."
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{key[1]} {key[0]}")
+            ax.set_title(" ".join(k for k in (key[1], key[2], key[0]) if k))
             ax.set_xlabel(data.get("size_names", {}).get(op, "size"))
             ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
             ax.grid(alpha=0.3)
@@ -107,6 +107,22 @@ def plot(data: dict, outdir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _tag(row: dict) -> str:
+    """The words a case label holds between its dtype and its mode (``causal``, a preset's name)."""
+    return " ".join(row["case"].split()[2:-1])
+
+
+def _series(provider: str, rows: list, unit: str) -> list[tuple[str, list]]:
+    """One line per provider over size; where cases share a size (attention's head dims), one per
+    innermost dimension, so that no line joins unrelated cases."""
+    if len({r["size"] for r in rows}) == len(rows):
+        return [(provider, sorted((r["size"], r[unit]) for r in rows))]
+    def inner(r):  # the label's shape, "BxHxTxD"
+        return int(r["case"].split()[0].split("x")[-1])
+    dims = sorted({inner(r) for r in rows})
+    return [(f"{provider} (…×{d})", sorted((r["size"], r[unit]) for r in rows if inner(r) == d)) for d in dims]
 
 
 def speedup_summary(rows: list) -> list[str]:

@@ -414,7 +414,7 @@ def test_gate_passes_a_file_against_itself(toy_run, tmp_path, capsys):
     path = _write(tmp_path, "run.json", toy_run)
     code, out = _gate(capsys, path, path)
     assert code == 0, out
-    assert "0 regressed or missing, 0 improved" in out
+    assert "0 regressed, missing or measured over another reference, 0 improved" in out
 
 
 def test_gate_fails_when_the_baseline_was_faster(toy_run, tmp_path, capsys):
@@ -712,16 +712,75 @@ def test_attention_flops_by_hand():
     assert harness.attention_flops(1, 1, 4, 4, 8, True, "fwd+bwd") == 3.5 * 2 * 16 * 8
 
 
-def test_gate_falls_back_to_the_nearest_machine_class(toy_run, tmp_path, capsys):
-    current = copy.deepcopy(toy_run)
-    current["machine"]["slug"] = "cpu-some-other-model-2core"
-    cur = _write(tmp_path, "cur.json", current)
+def test_gate_falls_back_to_the_nearest_machine_class_of_the_same_vendor(toy_run, tmp_path, capsys):
     (tmp_path / "baselines").mkdir()
     _write(tmp_path / "baselines", "cpu-amd-epyc-2core.json", _scaled(toy_run, 3.0))
     _write(tmp_path / "baselines", "cpu-amd-epyc-8core.json", toy_run)
-    code, out = _gate(capsys, tmp_path / "baselines", cur)
+    current = copy.deepcopy(toy_run)
+    current["machine"]["slug"] = "cpu-amd-epyc-7b13-2core"
+    code, out = _gate(capsys, tmp_path / "baselines", _write(tmp_path, "cur.json", current))
     assert "using the nearest machine class, cpu-amd-epyc-2core" in out
     assert code == 1 and "REGRESSED" in out
+    # Another vendor's vector units shift the speedups: no fallback, nothing gated.
+    current["machine"]["slug"] = "cpu-intel-xeon-platinum-8481c-2core"
+    code, out = _gate(capsys, tmp_path / "baselines", _write(tmp_path, "cur.json", current))
+    assert code == 0 and "no baseline for machine class cpu-intel-xeon-platinum-8481c-2core" in out
+
+
+def test_gate_fails_a_speedup_measured_over_another_reference(toy_run, tmp_path, capsys):
+    base = _write(tmp_path, "base.json", toy_run)
+    cur = _write(tmp_path, "cur.json", _scaled(toy_run, 5.0, speedup_over="torch-foreach"))
+    code, out = _gate(capsys, base, cur)
+    assert code == 1 and out.count("REFERENCE CHANGED") == 4 and "PERFORMANCE GATE FAILED" in out
+    assert all(r["speedup_over"] == "torch" for r in json.loads(
+        json.dumps(compare.updated_baseline(toy_run, toy_run)))["results"])
+
+
+def test_bench_output_paths_are_checked_before_the_run(toy, toy_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("ran before checking its output paths"))
+    (tmp_path / "afile").write_text("")
+    run_json = _write(tmp_path, "run.json", toy_run)
+    for argv, message in (([TOY, "--quick", "--json", str(tmp_path)], f"--json: {tmp_path} is a directory"),
+                          ([TOY, "--quick", "--json", "afile/x.json"], "--json: afile is a file"),
+                          ([TOY, "--quick", "--plot", "afile"], "--plot: afile exists and is not a directory"),
+                          (["compare", str(run_json), str(run_json), "--write", str(tmp_path)], "--write: "),
+                          (["baseline", str(run_json), str(run_json), "--out", str(tmp_path)], "--out: "),
+                          (["compare", str(run_json), str(tmp_path)], f"current: cannot read {tmp_path} (Is a directory)"),
+                          (["show", str(tmp_path / "afile")], "is not JSON")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, (argv, err)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    with pytest.raises(SystemExit):
+        cli.main([TOY, "--quick", "--plot", "plots"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_a_failed_baseline_write_leaves_the_old_file(toy_run, tmp_path, capsys, monkeypatch):
+    base = _write(tmp_path, "base.json", toy_run)
+    before = base.read_bytes()
+
+    def full_disk(self, text, *a, **k):
+        with open(self, "w") as f:
+            f.write(text[:100])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["compare", str(base), str(base), "--write", str(base)])
+    assert base.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["base.json"]
+
+
+def test_plot_lines_never_join_cases_of_one_size():
+    rows = [{"provider": "p", "size": 2048, "case": f"8x{h}x2048x{d} bfloat16 causal fwd", "tflops": t}
+            for h, d, t in ((32, 64, 1.0), (16, 128, 2.0))] + \
+           [{"provider": "p", "size": 4096, "case": f"4x{h}x4096x{d} bfloat16 causal fwd", "tflops": t}
+            for h, d, t in ((32, 64, 3.0), (16, 128, 4.0))]
+    assert report._series("p", rows, "tflops") == [("p (…×64)", [(2048, 1.0), (4096, 3.0)]),
+                                                   ("p (…×128)", [(2048, 2.0), (4096, 4.0)])]
+    assert report._series("p", rows[::2], "tflops") == [("p", [(2048, 1.0), (4096, 3.0)])]
+    assert report._tag(rows[0]) == "causal"
 
 
 def test_peer_libraries_that_fail_become_skip_reasons():
