@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ def _check_paths(p: argparse.ArgumentParser, files: dict, plot_dir: Path | None 
             p.error(f"--plot: {plot_dir} exists and is not a directory")
         _check_parent(p, "--plot", plot_dir)
         try:
-            import matplotlib  # noqa: F401
+            importlib.import_module("matplotlib")
         except ImportError:
             p.error("--plot needs matplotlib: pip install 'fastcore-engine[bench]'")
 
