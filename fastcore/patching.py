@@ -114,8 +114,10 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     _check_backend(model, backend, layer_norm, rms_norm, attention)
+    fresh = model not in _reports  # also a copy or a reload of a patched model: its report stayed behind
     report = _reports.get(model) or {"layer_norm": 0, "rms_norm": 0, "attention": 0, "skipped": Counter(),
-                                      "attention_fallbacks": Counter(), "notes": [], "backend": backend}
+                                      "attention_fallbacks": Counter(), "notes": [], "backend": _backend_of(model)}
+    report["backend"] = report["backend"] or backend
     if report["backend"] != backend:  # the patched norms keep theirs: the report would misstate it
         raise ValueError(f"patch: the model is already patched with backend={report['backend']!r}; "
                          f"call fastcore.unpatch(model) before patching with backend={backend!r}")
@@ -124,6 +126,9 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
     for module in model.modules():
         _reports[module] = report  # how the attention function finds the live report
         if _is_fastcore(module):
+            original = module.__dict__.get("_fastcore_original")
+            if fresh and original is not None:
+                report["layer_norm" if issubclass(original, nn.LayerNorm) else "rms_norm"] += 1
             continue
         target = _norm_target(module, layer_norm, rms_norm, llama_code)
         if target is None:
@@ -140,14 +145,23 @@ def patch(model: nn.Module, *, layer_norm: bool = True, rms_norm: bool = True, a
             module.fastcore_backend = backend
         report[kind] += 1
     if attention:
-        _patch_hf_attention(model, report)
+        _patch_hf_attention(model, report, fresh)
     return report
+
+
+def _backend_of(model: nn.Module) -> str | None:
+    """The backend of the modules already patched in ``model`` (a copy or a reload of a patched one)."""
+    for module in model.modules():
+        if "_fastcore_original" in module.__dict__:
+            return module.__dict__.get("backend", module.__dict__.get("fastcore_backend"))
+    return None
 
 
 def _check_backend(model: nn.Module, backend: str, layer_norm: bool, rms: bool, attn: bool) -> None:
     """Refuse, now and with the reason, a backend that cannot run a patched op on the model's device."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    attn = attn and bool(_hf_models(model))  # fastcore patches only Hugging Face attention
     for op, wanted in (("layer_norm", layer_norm), ("rms_norm", rms), ("attention", attn)):
         if wanted:
             try:
@@ -221,7 +235,7 @@ def _count_attention_layers(hf: nn.Module) -> int:
     return sum(1 for m in hf.modules() if _routes_through_registry(m))
 
 
-def _patch_hf_attention(model: nn.Module, report: dict) -> None:
+def _patch_hf_attention(model: nn.Module, report: dict, fresh: bool) -> None:
     if sys.modules.get("transformers") is None and importlib.util.find_spec("transformers") is None:
         _note(report, "transformers is not installed: Hugging Face attention not patched")
         return
@@ -239,8 +253,9 @@ def _patch_hf_attention(model: nn.Module, report: dict) -> None:
     for hf in models:
         name = type(hf).__name__
         implementations = {_implementation(c) for c in _configs(hf)}
-        if implementations == {IMPLEMENTATION}:
-            continue  # patched before (or shares a patched model's config)
+        if implementations == {IMPLEMENTATION}:  # patched before (or shares a patched model's config)
+            report["attention"] += _count_attention_layers(hf) if fresh else 0
+            continue
         if implementations != {"sdpa"}:
             _note(report, f"{name} runs attention {sorted(map(str, implementations))}: fastcore takes over only from "
                           "'sdpa', so its attention is left as it is")
@@ -258,7 +273,7 @@ def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.
     k/v ``(B, Hkv, S, D)``; returns ``((B, T, Hq, D), None)``. What it cannot do goes to SDPA."""
     report = _reports.get(module)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    reason = _unsupported(query, key, attention_mask, dropout, causal, kwargs)
+    reason = _unsupported(query, key, value, attention_mask, dropout, causal, kwargs)
     if reason is not None:
         if report is not None:
             report["attention_fallbacks"][reason] += 1
@@ -267,12 +282,14 @@ def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.
         return AttentionInterface()["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                              scaling=scaling, is_causal=is_causal, **kwargs)
     # One query row (decoding with a cache) sees every key; longer blocks are bottom-right causal.
-    out = attention(query, key, value, causal=causal and query.shape[2] > 1, scale=scaling,
+    # The shape test comes first and is made a bool: under dynamic shapes it is symbolic.
+    causal = bool(query.shape[2] > 1) and causal
+    out = attention(query, key, value, causal=causal, scale=scaling,
                     backend=report["backend"] if report else "auto")
     return out.transpose(1, 2).contiguous(), None
 
 
-def _unsupported(query, key, attention_mask, dropout, causal, kwargs) -> str | None:
+def _unsupported(query, key, value, attention_mask, dropout, causal, kwargs) -> str | None:
     if attention_mask is not None:
         return "attention_mask"
     if dropout:
@@ -287,8 +304,8 @@ def _unsupported(query, key, attention_mask, dropout, causal, kwargs) -> str | N
         return "output_attentions"
     if query.device.type not in ("cpu", "cuda"):
         return "device"
-    if query.shape[-1] not in HEAD_DIMS or key.shape[-1] != query.shape[-1]:
-        return "head_dim"
+    if query.shape[-1] not in HEAD_DIMS or key.shape[-1] != query.shape[-1] or value.shape != key.shape:
+        return "head_dim"  # (DeepSeek's value heads are narrower than its query/key heads)
     if causal and 1 < query.shape[2] != key.shape[2]:
         return "chunked_prefill"
     return None

@@ -421,3 +421,54 @@ def test_unpatch_rejects_a_non_module():
 def test_a_backend_that_cannot_run_an_op_is_refused():
     with pytest.raises(ValueError, match="patch: layer_norm: backend 'cuda' cannot run here"):
         fastcore.patch(Plain(), backend="cuda")
+
+
+def test_a_backend_is_checked_only_for_the_kinds_the_model_has():
+    # No Hugging Face attention to patch: the attention backend is not asked for ('cuda' has none yet).
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    report = fastcore.patch(model, backend="cuda", layer_norm=False, rms_norm=False)
+    assert (report["layer_norm"], report["attention"], report["backend"]) == (0, 0, "cuda")
+
+
+@pytest.mark.parametrize("copy_how", ["deepcopy", "save and load"])
+def test_a_copy_of_a_patched_model_reports_what_it_runs(tmp_path, copy_how):
+    torch.manual_seed(0)
+    model = llama()
+    fastcore.patch(model, backend="reference")
+    if copy_how == "deepcopy":
+        other = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "m.pt")
+        other = torch.load(tmp_path / "m.pt", weights_only=False)
+    with pytest.raises(ValueError, match="already patched with backend='reference'"):
+        fastcore.patch(other, backend="auto")  # its norms would keep 'reference'
+    report = fastcore.patch(other, backend="reference")
+    assert (report["rms_norm"], report["attention"], report["backend"]) == (5, 2, "reference")
+
+
+def test_value_heads_narrower_than_query_heads_fall_back_to_sdpa(calls):
+    cfg = transformers.DeepseekV3Config(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=48, qk_rope_head_dim=16,
+        v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+        vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    x = torch.randint(1, 100, (2, 12))
+    with torch.no_grad():
+        want = model(x).logits
+        report = fastcore.patch(model)
+        got = model(x).logits
+    assert_close(got, want, torch.float32)
+    assert report["attention_fallbacks"]["head_dim"] == 2 and not calls
+
+
+def test_fullgraph_compile_of_a_patched_model_at_several_lengths(calls):
+    torch.manual_seed(0)
+    model = llama(layers=1)
+    fastcore.patch(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # lengths become dynamic on the second
+    for t in (12, 10, 9):
+        x = torch.randint(1, 100, (2, t))
+        with torch.no_grad():
+            assert_close(compiled(x).logits, model(x).logits, torch.float32)
