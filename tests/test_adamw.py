@@ -504,6 +504,12 @@ def _functional_args():
     (lambda a: a.update(found_inf=torch.zeros(2)), TypeError, "found_inf must be"),
     (lambda a: a.update(master_params=[torch.zeros(4), None]), ValueError, "16-bit parameters"),
     (lambda a: a.update(backend="tpu"), ValueError, "unknown backend"),
+    (lambda a: a["params"].__setitem__(1, a["params"][0]) or a["grads"].__setitem__(1, torch.randn(4))
+     or a["exp_avgs"].__setitem__(1, torch.zeros(4)) or a["exp_avg_sqs"].__setitem__(1, torch.zeros(4)),
+     ValueError, r"params\[0\] and params\[1\] share memory"),
+    (lambda a: a["exp_avg_sqs"].__setitem__(0, a["exp_avgs"][0]), ValueError, r"exp_avgs\[0\] and exp_avg_sqs\[0\] share"),
+    (lambda a: a["grads"].__setitem__(0, a["params"][0].view(4)), ValueError, r"params\[0\] and grads\[0\]|grads\[0\] and params\[0\]"),
+    (lambda a: a["exp_avgs"].__setitem__(0, torch._neg_view(torch.zeros(4))), ValueError, "not a negative view"),
 ])
 def test_functional_bad_input(change, error, match):
     args = _functional_args()
@@ -514,6 +520,23 @@ def test_functional_bad_input(change, error, match):
     with pytest.raises(error, match=match):
         fastcore.adamw_step(params, grads, m, v, steps, **args)
     assert all(torch.equal(a, b) for a, b in zip(params, before))  # refused before touching anything
+
+
+@pytest.mark.parametrize("backend", [b for _, b in BACKENDS])
+def test_negative_views_step_as_their_values(backend):
+    """torch marks some tensors negated without changing their memory (x.conj().imag); the kernels
+    read memory, so a negated parameter or gradient must be stepped as the values it shows."""
+    args = _functional_args()
+    want = [p.clone() for p in args["params"]]
+    fastcore.adamw_step(want, args["grads"], [m.clone() for m in args["exp_avgs"]],
+                        [v.clone() for v in args["exp_avg_sqs"]], [s.clone() for s in args["steps"]], lr=0.1,
+                        backend="reference")
+    # The same values, negated memory: the first parameter and the second gradient (both would cancel).
+    params = [torch._neg_view(p.neg()) if i == 0 else p for i, p in enumerate(args["params"])]
+    grads = [torch._neg_view(g.neg()) if i == 1 else g for i, g in enumerate(args["grads"])]
+    fastcore.adamw_step(params, grads, args["exp_avgs"], args["exp_avg_sqs"], args["steps"], lr=0.1, backend=backend)
+    for got, w in zip(params, want):
+        assert_close(got.resolve_neg(), w, torch.float32)
 
 
 # ---------------------------------------------------------------- GPU

@@ -93,6 +93,27 @@ def test_without_weight_or_bias(op, device, backend, affine):
     check_against_reference(op, device, backend, (9, 130), "contiguous", torch.float32, affine=affine)
 
 
+@pytest.mark.parametrize("negated", ["x", "weight", "dy"])
+@pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
+@pytest.mark.parametrize("op", OPS)
+def test_negative_views_are_read_as_their_values(op, device, backend, negated):
+    """torch marks some tensors negated without changing their memory (x.conj().imag); the kernels
+    read memory, so x, weight and dy must be taken as the values they show (one at a time: two
+    negations would cancel)."""
+    x, w, dy = (torch.randn(s, device=device) for s in ((6, 5), (5,), (6, 5)))
+    neg = [(torch._neg_view(t.neg()) if name == negated else t.clone()).requires_grad_(name != "dy")
+           for name, t in zip(("x", "weight", "dy"), (x, w, dy))]
+    plain = [t.clone().requires_grad_(t is not dy) for t in (x, w, dy)]
+    fn = getattr(fastcore, op)
+    outs = [fn(a, b, backend=backend) for a, b, _ in (neg, plain)]
+    want = getattr(reference, op)(x.double(), w.double())
+    for out, (a, b, g) in zip(outs, (neg, plain)):
+        assert_close(out, want.float(), torch.float32)
+        out.backward(g)
+    assert_close(neg[0].grad, plain[0].grad, torch.float32)
+    assert_close(neg[1].grad, plain[1].grad, torch.float32)
+
+
 @pytest.mark.parametrize("device,backend", device_backends("layer_norm"))
 @pytest.mark.parametrize("op", OPS)
 def test_large_offset_and_eps(op, device, backend):

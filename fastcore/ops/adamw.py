@@ -148,13 +148,15 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
     """Build the launch tables, run one kernel, and copy back any parameter staged as contiguous."""
     backend, device, dtype, cols = launch.backend, launch.device, launch.dtype, launch.cols
     params, grads = cols[0], cols[1]
-    staged = [(i, p) for i, p in enumerate(params) if not p.is_contiguous()]
+    # The kernels go through addresses: a non-contiguous or negative-view parameter is stepped as a
+    # plain copy and written back; such gradients are read through one.
+    staged = [(i, p) for i, p in enumerate(params) if not p.is_contiguous() or p.is_neg()]
     if staged:
         params = list(params)
         for i, p in staged:
-            params[i] = p.contiguous()
-    if not all(g.is_contiguous() for g in grads):
-        grads = [g.contiguous() for g in grads]  # kept alive here until the kernel is queued
+            params[i] = p.resolve_neg().contiguous()
+    if not all(g.is_contiguous() and not g.is_neg() for g in grads):
+        grads = [g.resolve_neg().contiguous() for g in grads]  # kept alive here until the kernel is queued
     cols = [params, grads, *cols[2:]]
     n = len(params)
     numels = [p.numel() for p in params]
@@ -165,6 +167,7 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
         key, signature = (str(device), dtype, cols[5] is not None, *launch.opts.values()), (addresses, numels)
         if launch.checked.get(key) != signature:
             _check_fits(cols)
+            _check_disjoint(cols)
             launch.checked[key] = signature
     chunk = launch_table.chunk_size("adamw", backend, device)
     meta = launch_table.table(addresses + [numels], device)
@@ -264,7 +267,17 @@ def _check_lists(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs, m
                 raise ValueError(f"adamw_step: master_params[{i}] is for 16-bit parameters; params[{i}] is {p.dtype}")
             _check_state(master_params[i], p, torch.float32, f"master_params[{i}]")
         _check_step(steps[i], p, f"steps[{i}]")
+    _check_disjoint([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params])
     return n
+
+
+def _check_disjoint(cols) -> None:
+    """A parameter listed twice, or state shared between parameters, would be stepped by two
+    chunks at once."""
+    params, grads, exp_avgs, exp_avg_sqs, max_sqs, masters = cols[:6]
+    writes = {"params": params, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    writes.update({k: v for k, v in (("max_exp_avg_sqs", max_sqs), ("master_params", masters)) if v is not None})
+    launch_table.check_disjoint("adamw_step", {"grads": grads}, writes)
 
 
 def _check_state(s, p: Tensor, dtype: torch.dtype, name: str) -> None:
@@ -272,8 +285,9 @@ def _check_state(s, p: Tensor, dtype: torch.dtype, name: str) -> None:
         got = f"({tuple(s.shape)}, {s.dtype}, {s.device})" if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(f"adamw_step: {name} must be a {dtype} tensor of its parameter's shape "
                          f"{tuple(p.shape)} on {p.device}, got {got}")
-    if not s.is_contiguous():
-        raise ValueError(f"adamw_step: {name} must be contiguous (optimizer state is updated in place)")
+    if not s.is_contiguous() or s.is_neg():
+        raise ValueError(f"adamw_step: {name} must be contiguous and not a negative view (optimizer state "
+                         "is updated in place through its address)")
 
 
 def _check_step(s, p: Tensor, name: str) -> None:

@@ -39,3 +39,27 @@ def chunk_size(op: str, backend: str, device: torch.device) -> int:
     from fastcore import extension
 
     return getattr(extension.load(), f"{op.upper()}_CHUNK_{'CPU' if device.type == 'cpu' else 'CUDA'}")
+
+
+def check_disjoint(op: str, reads: dict, writes: dict) -> None:
+    """No tensor a kernel writes may share memory with any other tensor it reads or writes: the
+    kernels run in no set order, so the result would depend on the backend and the run. ``reads``
+    and ``writes`` map an argument's name to its list of tensors (None entries are absent ones)."""
+    spans = []  # (start, end, written, name, index): each tensor's address range, a stride's gaps included
+    for written, named in ((False, reads), (True, writes)):
+        for name, tensors in named.items():
+            for i, t in enumerate(tensors):
+                if t is not None and t.numel() and t.data_ptr():  # (meta tensors have no memory)
+                    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                    spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), written, name, i))
+    spans.sort(key=lambda span: span[:2])
+    reach = {False: None, True: None}  # of each kind so far, the span that ends last
+    for span in spans:
+        start, _, written, name, i = span
+        for kind in ((False, True) if written else (True,)):
+            other = reach[kind]
+            if other is not None and other[1] > start:
+                raise ValueError(f"{op}: {other[3]}[{other[4]}] and {name}[{i}] share memory; a tensor the "
+                                 "kernel writes must not overlap another")
+        if reach[written] is None or span[1] > reach[written][1]:
+            reach[written] = span

@@ -89,12 +89,12 @@ def _as_float(eps):
 
 def _like(t: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     """The kernels take weight/bias in x's dtype, contiguous."""
-    return None if t is None else t.to(x.dtype).contiguous()
+    return None if t is None else t.to(x.dtype).resolve_neg().contiguous()
 
 
 def _rows(t: Tensor) -> Tensor:
     """A 2-D (rows, hidden) view with unit stride along hidden; copies only when it must."""
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t.reshape(-1, t.shape[-1]).resolve_neg()  # the kernels read memory: a negative view's is negated
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows

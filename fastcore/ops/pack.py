@@ -93,27 +93,4 @@ def _check(srcs, dsts, scale) -> None:
         if not d.is_contiguous() or d.is_neg():
             raise ValueError(f"pack: dsts[{i}] must be contiguous and not a negative view "
                              "(it is written through its address)")
-    _check_no_overlap(srcs, dsts)
-
-
-def _check_no_overlap(srcs, dsts) -> None:
-    """No destination may share memory with another destination or with a source: the kernels read
-    and write in no set order, so the result would depend on the backend."""
-    spans = []  # (start, end, is destination, index): each tensor's address range, gaps of a stride included
-    for dst, tensors in ((False, srcs), (True, dsts)):
-        for i, t in enumerate(tensors):
-            if t.numel() and t.data_ptr():  # (meta tensors have no memory)
-                last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-                spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), dst, i))
-    spans.sort()
-    reach = {False: None, True: None}  # of each kind so far, the span that ends last
-    for span in spans:
-        start, _, dst, i = span
-        for kind in ((False, True) if dst else (True,)):
-            other = reach[kind]
-            if other is not None and other[1] > start:
-                a, b = sorted([(dst, i), (other[2], other[3])])  # sources first
-                raise ValueError(f"pack: {'dsts' if a[0] else 'srcs'}[{a[1]}] and {'dsts' if b[0] else 'srcs'}[{b[1]}] "
-                                 "share memory; a destination must not overlap another tensor")
-        if reach[dst] is None or span[1] > reach[dst][1]:
-            reach[dst] = span
+    launch_table.check_disjoint("pack", {"srcs": srcs}, {"dsts": dsts})
