@@ -66,7 +66,8 @@ def _cpu_flags_digest() -> str:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    # The one torch's cpp_extension will run: $CXX, else c++ (it tries no other).
+    return shutil.which(os.environ.get("CXX", "c++"))
 
 
 def _ensure_ninja_on_path() -> bool:
@@ -91,7 +92,7 @@ def why_unavailable() -> str | None:
     if source_dir() is None:
         return "its C++ sources (csrc/) are missing from this installation"
     if _compiler() is None:
-        return "no C++ compiler found (install g++ or set CXX)"
+        return f"no C++ compiler found: {os.environ.get('CXX', 'c++')!r} is not on PATH (install g++, or set CXX)"
     if not _ensure_ninja_on_path():
         return "ninja is not installed (pip install ninja)"
     return None
@@ -140,38 +141,76 @@ def load():
     reason = why_unavailable()
     if reason is not None:
         raise RuntimeError(f"the fastcore C++ extension is unavailable: {reason}")
-    from torch.utils import cpp_extension
 
     with_cuda = _cuda_wanted()
     sources = _sources(with_cuda)
     build = _build_dir(with_cuda)
-    build.mkdir(parents=True, exist_ok=True)
     stamp = build / "fastcore.stamp"
     digest = _digest(sources)
-    with open(build / "fastcore.lock", "w") as lock:
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        lock = open(build / "fastcore.lock", "w")
+    except OSError as exc:  # a file in the way, a read-only or unwritable cache
+        _error = (f"its cache directory {build} cannot be written ({exc.strerror}); "
+                  "set FASTCORE_CACHE_DIR to a writable directory")
+        raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
         try:
             # torch's own baton file outlives a killed build and would block forever; we hold the lock.
             (build / "lock").unlink(missing_ok=True)
             fresh = not (stamp.exists() and stamp.read_text() == digest)
-            if fresh:
-                print(f"fastcore: compiling the C++ extension (once; cached in {build}) ...", file=sys.stderr, flush=True)
-            cflags = CXX_FLAGS + (["-DFASTCORE_WITH_CUDA"] if with_cuda else [])
-            module = cpp_extension.load(
-                name="fastcore_C", sources=[str(s) for s in sources],
-                extra_cflags=cflags, extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=["-fopenmp"],
-                extra_include_paths=[str(source_dir())],
-                build_directory=str(build), with_cuda=with_cuda, verbose=False)
+            while True:
+                if fresh:
+                    # Objects of other sources must not survive: ninja compares times, not contents.
+                    _clean(build)
+                    print(f"fastcore: compiling the C++ extension (once; cached in {build}) ...", file=sys.stderr,
+                          flush=True)
+                try:
+                    module = _compile(sources, build, with_cuda)
+                    break
+                except Exception:
+                    if fresh:
+                        raise
+                    fresh = True  # a cached build that does not load (a truncated .so): built again, once
             if fresh:
                 stamp.write_text(digest)
         except Exception as exc:  # compiler errors: keep the reason, let other backends run
-            _error = f"building it failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
+            _error = f"building it failed: {_build_error(exc)}"
             raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from exc
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     sys.modules["fastcore._C"] = module
     _module = module
     return module
+
+
+def _compile(sources: list[Path], build: Path, with_cuda: bool):
+    from torch.utils import cpp_extension
+
+    cflags = CXX_FLAGS + (["-DFASTCORE_WITH_CUDA"] if with_cuda else [])
+    return cpp_extension.load(
+        name="fastcore_C", sources=[str(s) for s in sources],
+        extra_cflags=cflags, extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(source_dir())],
+        build_directory=str(build), with_cuda=with_cuda, verbose=False)
+
+
+def _clean(build: Path) -> None:
+    """Remove a build's outputs and ninja's records of them; keep the lock."""
+    for path in build.iterdir():
+        if path.name != "fastcore.lock" and (path.suffix in (".o", ".so") or path.name.startswith(".ninja")
+                                             or path.name in ("build.ninja", "fastcore.stamp")):
+            path.unlink(missing_ok=True)
+
+
+def _build_error(exc: Exception) -> str:
+    """The compiler's first error line, and the build's last line: ninja's alone says nothing."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = next((line for line in lines if "error" in line.lower()), lines[-1])[:300]
+    return first if first == lines[-1] else f"{first} ... {lines[-1]}"
 
 
 def try_load() -> bool:

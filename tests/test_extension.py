@@ -1,6 +1,7 @@
 """The just-in-time C++/CUDA extension: one build under concurrency, a clean refusal without a compiler,
 and a type-check of the CUDA binding path on machines without a CUDA build of torch."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -100,3 +101,72 @@ def test_cuda_backend_is_available_before_the_first_build(monkeypatch):
     assert fastcore.backends.why_unavailable("cuda", "cuda") is None
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
     assert "without CUDA" in fastcore.backends.why_unavailable("cuda", "cuda")
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """load() with its compile step replaced: a record of the calls, and control over what they do."""
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_error", None)
+    monkeypatch.setattr(extension, "why_unavailable", lambda: None)
+    monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
+    calls, failures = [], []
+
+    def compile_(sources, build, with_cuda):
+        calls.append(sorted(p.name for p in build.iterdir()))  # what the build found in its directory
+        if failures:
+            raise failures.pop(0)
+        (build / "fastcore_C.so").write_text("built")
+        (build / "norm.o").write_text("object")
+        return type("Module", (), {"__file__": str(build / "fastcore_C.so")})()
+    monkeypatch.setattr(extension, "_compile", compile_)
+    monkeypatch.setitem(sys.modules, "fastcore._C", None)
+    return calls, failures
+
+
+def test_changed_sources_rebuild_from_scratch(fake_build, monkeypatch):
+    calls, _ = fake_build
+    monkeypatch.setattr(extension, "_digest", lambda sources: "A")
+    extension.load()
+    extension._module = None
+    extension.load()                                         # same sources: the cached build
+    monkeypatch.setattr(extension, "_digest", lambda sources: "B")
+    extension._module = None
+    extension.load()                                         # other sources, whatever their times
+    assert calls == [["fastcore.lock"], ["fastcore.lock", "fastcore.stamp", "fastcore_C.so", "norm.o"],
+                     ["fastcore.lock"]]
+
+
+def test_a_cached_build_that_does_not_load_is_built_again_once(fake_build, monkeypatch):
+    calls, failures = fake_build
+    monkeypatch.setattr(extension, "_digest", lambda sources: "A")
+    extension.load()
+    extension._module = None
+    failures.append(ImportError("fastcore_C.so: file too short"))
+    extension.load()
+    assert len(calls) == 3 and calls[2] == ["fastcore.lock"]
+    extension._module = None
+    failures += [ImportError("fastcore_C.so: file too short"), RuntimeError("g++: error: bad flag\nninja: stopped")]
+    with pytest.raises(RuntimeError, match=r"building it failed: g\+\+: error: bad flag \.\.\. ninja: stopped"):
+        extension.load()
+
+
+def test_an_unwritable_cache_is_a_reason_not_a_traceback(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path / "file"))
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_error", None)
+    with pytest.raises(RuntimeError, match=r"cache directory .* cannot be written \(Not a directory\); set "
+                                           r"FASTCORE_CACHE_DIR"):
+        extension.load()
+    monkeypatch.setattr(extension, "_error", None)  # (try_load warns once, on the first failure)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert not extension.try_load()
+
+
+def test_the_compiler_is_the_one_torch_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert extension._compiler() is None  # torch would not fall back to g++ either
+    monkeypatch.delenv("CXX")
+    assert extension._compiler() == shutil.which("c++")
