@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
 import shutil
 import sys
 import warnings
@@ -209,7 +210,7 @@ def _build_error(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    first = next((line for line in lines if "error" in line.lower()), lines[-1])[:300]
+    first = next((line for line in lines if re.search(r": (fatal )?error:", line)), lines[-1])[:300]
     return first if first == lines[-1] else f"{first} ... {lines[-1]}"
 
 

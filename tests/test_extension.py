@@ -147,8 +147,11 @@ def test_a_cached_build_that_does_not_load_is_built_again_once(fake_build, monke
     extension.load()
     assert len(calls) == 3 and calls[2] == ["fastcore.lock"]
     extension._module = None
-    failures += [ImportError("fastcore_C.so: file too short"), RuntimeError("g++: error: bad flag\nninja: stopped")]
-    with pytest.raises(RuntimeError, match=r"building it failed: g\+\+: error: bad flag \.\.\. ninja: stopped"):
+    failures += [ImportError("fastcore_C.so: file too short"), RuntimeError("Error building extension 'fastcore_C': [1/2] c++ -c norm.cpp\n"
+                                                                  "norm.cpp:3:1: error: 'foo' does not name a type\n"
+                                                                  "ninja: build stopped: subcommand failed.")]
+    with pytest.raises(RuntimeError, match=r"building it failed: norm\.cpp:3:1: error: 'foo' does not name a type "
+                                           r"\.\.\. ninja: build stopped"):
         extension.load()
 
 

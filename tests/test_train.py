@@ -453,6 +453,7 @@ def test_sample_continues_the_prompt(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("x = ")
     # A temperature so small that logits / temperature overflows is still a (near-)greedy draw.
     assert sample(tmp_path, "import ", 10, temperature=1e-40) == greedy
+    assert sample(tmp_path, "import ", 10, temperature=1e-300) == greedy  # 0 as a float32
     for flag, value, message in (("--temperature", "nan", "--temperature: must be a finite number >= 0"),
                                  ("--temperature", "inf", "--temperature: must be a finite number >= 0"),
                                  ("--seed", "-1", "--seed: must be a whole number, 0 <= seed < 2**64"),

@@ -49,7 +49,9 @@ def check_disjoint(op: str, reads: dict, writes: dict) -> None:
     for written, named in ((False, reads), (True, writes)):
         for name, tensors in named.items():
             for i, t in enumerate(tensors):
-                if t is not None and t.numel() and t.data_ptr():  # (meta tensors have no memory)
+                # A non-contiguous tensor is read or stepped through a contiguous copy, so it cannot
+                # collide; meta tensors have no memory.
+                if t is not None and t.numel() and t.data_ptr() and t.is_contiguous():
                     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
                     spans.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size(), written, name, i))
     spans.sort(key=lambda span: span[:2])
@@ -58,7 +60,9 @@ def check_disjoint(op: str, reads: dict, writes: dict) -> None:
         start, _, written, name, i = span
         for kind in ((False, True) if written else (True,)):
             other = reach[kind]
-            if other is not None and other[1] > start:
+            # A source that is exactly its destination is an in-place elementwise pass: safe.
+            same = other is not None and other[:2] == span[:2] and other[2] != written
+            if other is not None and other[1] > start and not same:
                 raise ValueError(f"{op}: {other[3]}[{other[4]}] and {name}[{i}] share memory; a tensor the "
                                  "kernel writes must not overlap another")
         if reach[written] is None or span[1] > reach[written][1]:

@@ -159,7 +159,7 @@ class GPT(nn.Module):
         for _ in range(tokens):
             logits, _ = self(idx[:, -self.config.block_size:])
             logits = logits[:, -1, : self.config.vocab_size].float()
-            if temperature == 0:
+            if temperature < torch.finfo(logits.dtype).tiny:  # 0, or too small to divide by: greedy
                 nxt = logits.argmax(-1, keepdim=True)
             else:
                 # Shifted first: a tiny temperature then sends the rest to -inf, not the maximum to inf (nan).
