@@ -188,3 +188,29 @@ def test_info_reports_the_environment():
     for field in ("fastcore", "torch", "triton", "CUDA", "GPU", "compiler", "extension", "layer_norm", "rms_norm"):
         assert field in proc.stdout
     assert f"torch         {torch.__version__}" in proc.stdout
+
+
+# ---------------------------------------------------------------- the name `kernels`
+def test_the_checkouts_kernels_folder_leaves_the_name_kernels_to_pypi():
+    """A process started in the checkout has its root on sys.path, which made `import kernels` (Hugging
+    Face's kernel hub, which transformers imports) load our Triton folder. It must reach the real package,
+    or fail as if the folder were not there; fastcore.kernels is unaffected."""
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys\ntry:\n    import kernels\n    print('found', kernels.__file__)\n"
+            "except ModuleNotFoundError as exc:\n    print('absent', exc.name)\n"
+            "from fastcore.kernels import attention\nprint(attention.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split("\n")[:2]
+    try:
+        metadata.distribution("kernels")
+        installed = True
+    except metadata.PackageNotFoundError:
+        installed = False
+    if installed:
+        assert first.startswith("found ") and not first[6:].startswith(os.path.join(root, "kernels")), first
+    else:
+        assert first == "absent kernels", first
+    assert second == "fastcore.kernels.attention"
