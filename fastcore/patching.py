@@ -19,6 +19,7 @@ unsupported head dim) runs SDPA instead, counted in the report. Models on anothe
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 import weakref
@@ -75,7 +76,13 @@ def _llama_rms_code():
         return None
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    return LlamaRMSNorm.forward.__code__
+    return _code(LlamaRMSNorm.forward)
+
+
+def _code(fn):
+    """The code object of ``fn`` under its decorators (transformers wraps some forwards, for instance
+    to deprecate an argument), or None."""
+    return getattr(inspect.unwrap(fn), "__code__", None) if callable(fn) else None
 
 
 def _same_code(a, b) -> bool:
@@ -91,7 +98,7 @@ def _norm_target(module: nn.Module, layer_norm: bool, rms: bool, llama_code) -> 
         return "rms_norm", fnn.RMSNorm
     if (rms and llama_code is not None and isinstance(getattr(cls, "forward", None), types.FunctionType)
             and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), nn.Parameter)
-            and _same_code(cls.forward.__code__, llama_code)):
+            and _same_code(_code(cls.forward), llama_code)):
         return "rms_norm", _hf_patched_class(cls)
     return None
 
@@ -227,7 +234,7 @@ def _implementation(config) -> str | None:
 
 
 def _routes_through_registry(module: nn.Module) -> bool:
-    code = getattr(type(module).forward, "__code__", None)
+    code = _code(getattr(type(module), "forward", None))
     return code is not None and "get_interface" in code.co_names
 
 
