@@ -113,6 +113,9 @@ def run_main(argv: list[str], command_line: bool) -> int:
     _write_json(data, path)
     print(f"wrote {path}")
     _render(data, args.markdown, args.plot)
+    if result.interrupted:
+        print(f"interrupted: {path} holds the {len(result.rows)} rows measured before it", file=sys.stderr)
+        return 1
     return 0
 
 

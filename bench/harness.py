@@ -330,10 +330,12 @@ class Run:
     rows: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     size_names: dict = field(default_factory=dict)
+    interrupted: bool = False  # stopped before its last case: the rows are those it finished
 
     def to_json(self) -> dict:
-        return {"format": RESULTS_FORMAT, "machine": self.machine, "results": self.rows, "skipped": self.skipped,
+        data = {"format": RESULTS_FORMAT, "machine": self.machine, "results": self.rows, "skipped": self.skipped,
                 "size_names": self.size_names}
+        return {**data, "interrupted": True} if self.interrupted else data
 
 
 def _skip(run: Run, op: str, provider: str, reason: str, case: str | None = None) -> None:
@@ -433,6 +435,16 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
         if len(set(labels)) != len(labels):
             raise ValueError(f"{op}: its cases must have distinct labels (the gate keys on them): {labels}")
         plan += [(bench, case, fns) for case in cases]
+    try:
+        _measure(plan, result, device, repeats, on_row, on_progress)
+    except KeyboardInterrupt:  # a time limit (timeout -s INT): the rows measured so far are kept
+        result.interrupted = True
+    return result
+
+
+def _measure(plan: list, result: Run, device: str, repeats: int, on_row: Callable[[dict], None] | None,
+             on_progress: Callable[[str], None] | None) -> None:
+    """Time every (benchmark, case, providers) of ``plan`` into ``result``."""
     passes = CPU_PASSES if device == "cpu" else 1
     samples: list[dict] = [{} for _ in plan]
     peaks: list[dict] = [{} for _ in plan]
@@ -472,7 +484,6 @@ def run(ops: list[str] | None = None, *, device: str = "cpu", quick: bool = Fals
                         if on_row:
                             on_row(row)
                 del steps  # free this case's inputs before the next case allocates its own
-    return result
 
 
 def _rows(bench: Benchmark, case: Case, timings: dict, peaks: dict, result: Run, extras: dict) -> list[dict]:

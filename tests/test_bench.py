@@ -285,6 +285,37 @@ def test_a_provider_failing_a_later_pass_gets_no_row():
     assert [s["reason"] for s in result.skipped] == ["failed: RuntimeError: gone on the third setup"]
 
 
+def test_an_interrupted_run_keeps_the_cases_it_finished(tmp_path, capsys):
+    """A time limit (``timeout -s INT``, as bench/gpu_session.sh sets one) at the second case of the
+    last pass (a GPU run's only one): the first case's rows are written, the file says the run was
+    cut short, and the exit status is 1."""
+    setups = []
+
+    def setup(fn, case, device):
+        setups.append(case.size)
+        if setups.count(2) == 2 * harness.CPU_PASSES:  # both providers, once a pass
+            setups.clear()
+            raise KeyboardInterrupt
+        return lambda: fn(case.size)
+
+    bench = harness.register(harness.Benchmark(
+        op="toy_cut", providers=lambda device: {"torch": lambda x: x, "fastcore-a": lambda x: x},
+        cases=lambda device, quick: [harness.Case((n,), torch.float32, "fwd", n) for n in (1, 2, 3)], setup=setup,
+        work=lambda case: ("bytes", 8)))
+    try:
+        result = harness.run([bench.op])
+        assert result.interrupted and {r["case"] for r in result.rows} == {"1 float32 fwd"}
+        assert len(result.rows) == 2 and result.to_json()["interrupted"] is True
+        path = tmp_path / "cut.json"
+        assert cli.main([bench.op, "--json", str(path)]) == 1
+    finally:
+        harness.unregister(bench.op)
+    data = json.loads(path.read_text())
+    assert data["interrupted"] is True and [r["case"] for r in data["results"]] == ["1 float32 fwd"] * 2
+    assert "interrupted: " in capsys.readouterr().err
+    assert "interrupted" not in harness.Run("cpu", {}).to_json()
+
+
 def test_real_clock_timings_are_sane():
     """The real clock: a provider that sleeps 3 ms takes at least that, and one that does not is faster."""
     def sleeper(x):
