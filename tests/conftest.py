@@ -54,8 +54,15 @@ def device_backends(op: str):
     return pairs
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m gpu` deselects
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
+        # A case parametrized onto the GPU is a GPU test: `pytest -m gpu` runs every kernel on the
+        # device against the reference, not only the tests written for the GPU alone.
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and callspec.params.get("device") == "cuda":
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
