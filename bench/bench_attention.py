@@ -25,6 +25,9 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 def providers(device: str) -> dict:
     out = fastcore_providers("attention", device, _fastcore)
+    # The backward that adds dq up with atomics (deterministic=False), as SDPA's flash backward does.
+    triton = out["fastcore-triton"]
+    out["fastcore-triton-atomic"] = triton if isinstance(triton, str) else _fastcore("triton", deterministic=False)
     out["torch"] = _sdpa(None)
     for name in ("flash", "efficient", "cudnn"):
         out[f"torch-sdpa-{name}"] = _sdpa(name) if device == "cuda" else "SDPA's fused GPU backends run on GPU only"
@@ -33,8 +36,9 @@ def providers(device: str) -> dict:
     return out
 
 
-def _fastcore(backend):
-    return lambda q, k, v, causal: fastcore.attention(q, k, v, causal=causal, backend=backend)
+def _fastcore(backend, deterministic=True):
+    return lambda q, k, v, causal: fastcore.attention(q, k, v, causal=causal, backend=backend,
+                                                      deterministic=deterministic)
 
 
 def _sdpa(name):

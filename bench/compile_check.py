@@ -138,7 +138,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
 # ---------------------------------------------------------------- the launches
 
 
-def _attention(head_dim: int, causal: bool, dtype: torch.dtype, tma: bool = False) -> None:
+def _attention(head_dim: int, causal: bool, dtype: torch.dtype, tma: bool = False, deterministic: bool = True) -> None:
     from fastcore.kernels import attention as kernels
 
     # As the benchmark's: a length that is a multiple of 16 and as many kv heads as query heads, on
@@ -151,7 +151,7 @@ def _attention(head_dim: int, causal: bool, dtype: torch.dtype, tma: bool = Fals
                                                                                    dtype)][:4], True)))
         o, lse = kernels.attention_fwd(q, k, k, causal, head_dim ** -0.5)
         if not tma:
-            kernels.attention_bwd(o, q, k, k, o, lse, causal, head_dim ** -0.5)
+            kernels.attention_bwd(o, q, k, k, o, lse, causal, head_dim ** -0.5, deterministic)
 
 
 def _norm(is_rms: bool, dtype: torch.dtype, hidden: int) -> None:
@@ -196,6 +196,8 @@ def launches(everything: bool) -> Iterator[tuple[str, Callable[[], None]]]:
         yield f"attention D={d} {'causal' if causal else 'full'} {_name(dt)}", lambda a=(d, causal, dt): _attention(*a)
     for d in (HEAD_DIMS if everything else (128,)):
         yield f"attention D={d} causal bfloat16 TMA fwd", lambda d=d: _attention(d, True, torch.bfloat16, tma=True)
+        yield (f"attention D={d} causal bfloat16 atomic dq",
+               lambda d=d: _attention(d, True, torch.bfloat16, deterministic=False))
     # Hidden sizes that take each block width and warp count, and rows wider than one block.
     for is_rms in (False, True):
         for dt in (DTYPES if everything else (torch.bfloat16,)):

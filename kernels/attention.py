@@ -310,13 +310,15 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+    dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, lo, hi, Tq, causal_off, qk_scale,
+    offs_n, lo, hi, Tq, causal_off, qk_scale, scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # Works on transposed tiles, (BLOCK_N, BLOCK_M), so dk/dv come out as (keys, D) directly.
+    # With ATOMIC_DQ this key block also adds its share of dq, scale * ds k, into DQ_head (fp32,
+    # (Tq, HEAD_DIM) contiguous) with atomics: the nondeterministic path, which needs no dQ kernel.
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -338,14 +340,18 @@ def _dkdv_inner(
         dv = _mma(pT.to(do.dtype), do, dv, DOT_F32)
         delta = tl.load(Delta_head + offs_m, mask=m_ok, other=0.0)
         dpT = _mma(v, tl.trans(do), None, DOT_F32)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_F32)
+        dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+        dk = _mma(dsT, tl.trans(qT), dk, DOT_F32)
+        if ATOMIC_DQ:
+            dq = _mma(tl.trans(dsT), k, None, DOT_F32) * scale
+            dq_ptrs = DQ_head + m64 * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV,
+    Q, K, V, DO, LSE, Delta, DK, DV, DQ,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -355,7 +361,7 @@ def _attn_bwd_dkdv_kernel(
     H, HKV, GROUP, Tq, Tk, qk_scale, scale,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     bhk = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
@@ -388,14 +394,15 @@ def _attn_bwd_dkdv_kernel(
         DO_head = DO + b * stride_dob + h * stride_doh
         LSE_head = LSE + bh * Tq
         Delta_head = Delta + bh * Tq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+        DQ_head = DQ + bh * Tq * HEAD_DIM
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, lo, mid, Tq, causal_off, qk_scale,
-                             True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head,
+                             offs_n, lo, mid, Tq, causal_off, qk_scale, scale,
+                             True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32, ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, mid, Tq, Tq, causal_off, qk_scale,
-                             False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32)
+                             offs_n, mid, Tq, Tq, causal_off, qk_scale, scale,
+                             False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32, ATOMIC_DQ)
 
     # ds was formed from unscaled scores' softmax; the chain rule through s = scale * q k^T
     # puts one factor of scale on dk (and on dq).
@@ -568,11 +575,14 @@ def _descriptor_scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, deterministic: bool = True):
     """Gradients of attention_fwd: (dq, dk, dv), new contiguous tensors shaped and typed like q, k, v.
 
     o and lse are attention_fwd's outputs; do may have any strides.  dk/dv of a kv head
-    shared by several query heads (GQA/MQA) are the sums over those heads.
+    shared by several query heads (GQA/MQA) are the sums over those heads.  With
+    deterministic=False the dK/dV kernel also adds each key block's share of dq into an fp32
+    buffer with atomics, in no fixed order, and the dQ kernel (which recomputes the scores and dP)
+    does not run: 5 matmuls per score tile instead of 7.
     """
     _check_shapes(q, k, v)
     assert do.shape == q.shape and o.shape == q.shape
@@ -588,19 +598,23 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )
 
-    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, HKV, Tk, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, HKV, Tk, D), dtype=v.dtype, device=dev)
     (m1, n1, w1, s1), (m2, n2, w2, s2) = _bwd_configs(q, causal)
     qk_scale = scale * _LOG2E
+    # The atomic path's fp32 sum; the deterministic one passes any tensor, unread.
+    dq_sum = delta if deterministic else torch.zeros((B, H, Tq, D), dtype=torch.float32, device=dev)
 
     _attn_bwd_dkdv_kernel[(B * HKV, triton.cdiv(Tk, n1))](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, dq_sum,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, HKV, H // HKV, Tq, Tk, qk_scale, scale,
         CAUSAL=causal, HEAD_DIM=D, BLOCK_M=m1, BLOCK_N=n1, BLOCK_D=block_d, DOT_F32=_dot_f32(q),
-        num_warps=w1, num_stages=s1,
+        ATOMIC_DQ=not deterministic, num_warps=w1, num_stages=s1,
     )
+    if not deterministic:
+        return dq_sum.to(q.dtype), dk, dv
+    dq = torch.empty((B, H, Tq, D), dtype=q.dtype, device=dev)
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(Tq, m2))](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

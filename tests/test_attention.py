@@ -43,10 +43,10 @@ def make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout="contiguous"):
     return [one(hq, tq).requires_grad_(), one(hkv, tk).requires_grad_(), one(hkv, tk).requires_grad_()]
 
 
-def check(device, backend, case, dtype=torch.float32, layout="contiguous", scale=None):
+def check(device, backend, case, dtype=torch.float32, layout="contiguous", scale=None, deterministic=True):
     b, hq, hkv, tq, tk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout)
-    out = fastcore.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    out = fastcore.attention(q, k, v, causal=causal, scale=scale, backend=backend, deterministic=deterministic)
     assert out.shape == q.shape and out.dtype == dtype
     do = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
@@ -82,6 +82,37 @@ def test_half_precision(device, backend, dtype):
 def test_non_contiguous_inputs_and_custom_scale(device, backend):
     check(device, backend, (2, 4, 2, 21, 21, 32, True), layout="transposed")
     check(device, backend, (1, 2, 2, 18, 30, 64, False), scale=0.3)
+
+
+@pytest.mark.parametrize("device,backend", device_backends("attention"))
+@pytest.mark.parametrize("case,dtype", [
+    ((2, 4, 2, 100, 100, 64, True), torch.float32),     # GQA: two query heads add into each dq
+    ((1, 4, 1, 33, 57, 16, True), torch.bfloat16),      # MQA, Tq < Tk
+    ((1, 2, 1, 40, 17, 80, True), torch.float32),       # Tq > Tk (rows that see nothing), padded head dim
+    ((1, 2, 2, 20, 45, 32, False), torch.float16),
+])
+def test_nondeterministic_backward_matches_reference(device, backend, case, dtype):
+    """deterministic=False: the triton backward adds dq up with atomics from the dK/dV kernel."""
+    if backend == "triton" and device == "cpu" and case[3] == 100:
+        case = (1, 4, 2, 37, 37, 64, True)  # the interpreter runs a few programs per second
+    check(device, backend, case, dtype, deterministic=False)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_nondeterministic_backward_skips_the_dq_kernel(device, backend, monkeypatch):
+    from fastcore.kernels import attention as kernels
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the dQ kernel was launched on the atomic path")
+    q, k, v = make_qkv(1, 2, 1, 19, 23, 16, torch.float32, device)
+    out = fastcore.attention(q, k, v, causal=True, backend=backend, deterministic=False)
+    monkeypatch.setattr(kernels, "_attn_bwd_dq_kernel", NotLaunched())
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference.attention(*leaves, causal=True).sum(), leaves)
+    for name, got, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert_close(got, w, torch.float32, f"atomic {name}")
 
 
 def test_reference_against_the_definition():
@@ -204,6 +235,7 @@ def test_triton_double_backward_is_refused_clearly(device, backend):
     (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.int32)), TypeError, "floating-point dtype"),
     (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
     (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(deterministic="no"), TypeError, "deterministic must be a bool"),
     (dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
     (dict(scale=math.inf), ValueError, "scale must be a finite number > 0"),
     (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
@@ -255,8 +287,9 @@ def test_module_rejects_bad_input(shape):
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_long_sequence_bf16(causal):
-    check("cuda", "triton", (1, 4, 2, 8192, 8192, 64, causal), torch.bfloat16)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_long_sequence_bf16(causal, deterministic):
+    check("cuda", "triton", (1, 4, 2, 8192, 8192, 64, causal), torch.bfloat16, deterministic=deterministic)
 
 
 @pytest.mark.gpu
@@ -291,12 +324,14 @@ def test_triton_custom_op_under_compile_and_opcheck(device, backend):
                        backend="eager")
     assert_close(fn(q, k, v), reference.attention(q, k, v, causal=True), torch.float32, "compiled triton")
     checks = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.fastcore.attention_fwd.default, (q, k, v, True, 0.25), test_utils=checks)
-    o, lse = torch.ops.fastcore.attention_fwd(q, k, v, True, 0.25)
-    do = torch.randn_like(o)
-    torch.library.opcheck(torch.ops.fastcore.attention_bwd.default,
-                          tuple(t.detach() for t in (do, q, k, v, o, lse)) + (True, 0.25),
-                          test_utils=("test_schema", "test_faketensor"))
+    for deterministic in (True, False):
+        torch.library.opcheck(torch.ops.fastcore.attention_fwd.default, (q, k, v, True, 0.25, deterministic),
+                              test_utils=checks)
+        o, lse = torch.ops.fastcore.attention_fwd(q, k, v, True, 0.25, deterministic)
+        do = torch.randn_like(o)
+        torch.library.opcheck(torch.ops.fastcore.attention_bwd.default,
+                              tuple(t.detach() for t in (do, q, k, v, o, lse)) + (True, 0.25, deterministic),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])

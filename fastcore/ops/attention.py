@@ -23,7 +23,7 @@ HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-              backend: str = "auto") -> Tensor:
+              backend: str = "auto", deterministic: bool = True) -> Tensor:
     """``softmax(q k^T * scale + mask) v`` for q ``(B, Hq, Tq, D)`` and k, v ``(B, Hkv, Tk, D)``.
 
     The layout of ``torch.nn.functional.scaled_dot_product_attention``. ``Hq`` must be a multiple
@@ -32,10 +32,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     query ``i`` when ``j > i + (Tk - Tq)``: aligned to the bottom-right as in FlashAttention, which
     equals SDPA's ``is_causal=True`` when ``Tq == Tk``. A query that sees no key outputs zeros.
     Under ``torch.autocast`` every backend follows SDPA's rule: inputs other than float64 are cast
-    to the autocast dtype first.
+    to the autocast dtype first. ``deterministic=False`` lets the triton backward add dq up with
+    atomics (two fewer matmuls per score tile, as FlashAttention's backward does), so its last bits
+    vary from run to run; the other backends are deterministic either way.
     """
     q, k, v = _autocast(q, k, v)
     _check_args(q, k, v, causal, scale)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"attention: deterministic must be a bool, got {type(deterministic).__name__}")
     causal = bool(causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend("attention", backend, q.device, q.dtype)
@@ -43,7 +47,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         return reference.attention(q, k, v, causal, scale)
     if name == "cpu":
         return _sdpa(q, k, v, causal, scale)
-    return torch.ops.fastcore.attention_fwd(q, k, v, causal, scale)[0]
+    return torch.ops.fastcore.attention_fwd(q, k, v, causal, scale, bool(deterministic))[0]
 
 
 def _autocast(q, k, v) -> tuple:
@@ -100,7 +104,9 @@ def _sdpa(q, k, v, causal, scale) -> Tensor:
 
 
 # ---------------------------------------------------------------- the triton backend, as custom ops
-def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+              deterministic: bool) -> tuple[Tensor, Tensor]:
+    """``deterministic`` is the backward's, kept here for it (see _setup_context)."""
     from fastcore.kernels import attention as kernels
 
     return kernels.attention_fwd(q, k, v, causal, scale)
@@ -110,41 +116,41 @@ _fwd = torch.library.custom_op("fastcore::attention_fwd", _fwd_impl, mutates_arg
 
 
 @_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, deterministic):
     b, h, t, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+              scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fastcore.kernels import attention as kernels
 
-    return kernels.attention_bwd(do, q, k, v, o, lse, causal, scale)
+    return kernels.attention_bwd(do, q, k, v, o, lse, causal, scale, deterministic)
 
 
 _bwd = torch.library.custom_op("fastcore::attention_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
+def _(do, q, k, v, o, lse, causal, scale, deterministic):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     # Any strides: the kernels take them (a .sum() gives a stride-0 do, which a copy would blow up).
-    dq, dk, dv = torch.ops.fastcore.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = torch.ops.fastcore.attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
