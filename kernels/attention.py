@@ -65,11 +65,13 @@ _LOG2E = math.log2(math.e)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed on (padded head dim, causal, dtype).
 # Starting points for H100, not autotuned.  fp32 tiles take twice the shared memory and
-# registers of 16-bit ones, hence the smaller blocks.
+# registers of 16-bit ones, hence the smaller blocks: the fp32 entries are the largest that
+# compiled for sm_90 without spilling (Triton 3.6 and 3.9; bench/compile_check.py), but at
+# D=256, where the smallest tried still spill 60 bytes (forward) and 1.6-3.8 KB (dK/dV).
 _H16 = {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
         128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-_H32 = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 4, 2),
-        128: (64, 32, 4, 2), 256: (32, 32, 4, 1)}
+_H32 = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 32, 8, 2),
+        128: (32, 16, 4, 2), 256: (32, 16, 4, 2)}
 _FWD_CONFIGS = {(d, causal, dt): cfg
                 for dt, table in ((torch.float16, _H16), (torch.bfloat16, _H16), (torch.float32, _H32))
                 for d, cfg in table.items() for causal in (False, True)}
@@ -78,8 +80,8 @@ _FWD_CONFIGS = {(d, causal, dt): cfg
 _B16 = {16: ((32, 128, 4, 3), (128, 32, 4, 3)), 32: ((32, 128, 4, 3), (128, 32, 4, 3)),
         64: ((32, 128, 4, 3), (128, 32, 4, 3)), 128: ((32, 128, 8, 2), (128, 32, 8, 2)),
         256: ((32, 64, 8, 2), (64, 32, 8, 2))}
-_B32 = {16: ((32, 64, 4, 2), (64, 32, 4, 2)), 32: ((32, 64, 4, 2), (64, 32, 4, 2)),
-        64: ((32, 64, 4, 2), (64, 32, 4, 2)), 128: ((32, 64, 8, 1), (64, 32, 8, 1)),
+_B32 = {16: ((16, 64, 8, 1), (64, 16, 8, 1)), 32: ((16, 64, 8, 1), (64, 16, 8, 1)),
+        64: ((16, 64, 8, 1), (64, 16, 8, 1)), 128: ((16, 64, 8, 1), (64, 16, 8, 1)),
         256: ((16, 32, 4, 1), (32, 16, 4, 1))}
 # Value: (dK/dV config, dQ config), each (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _BWD_CONFIGS = {(d, causal, dt): cfg
