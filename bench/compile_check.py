@@ -19,7 +19,6 @@ It takes over the process's Triton driver, and must run without TRITON_INTERPRET
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import subprocess
@@ -46,7 +45,7 @@ _compiled: dict[int, list] = {}  # arch -> what _compile_only records
 def _compile_only(arch: int) -> list:
     """Make Triton compile for sm_<arch> without a GPU, and compile instead of launching: the
     launchers' ``kernel[grid](...)`` then returns the compiled kernel. Returns the list that each
-    compile is appended to, as (kernel name, compiled kernel or exception, seconds). Once per process."""
+    compile is appended to, as (kernel name, compiled kernel or why it failed, seconds). Once per process."""
     if _compiled:
         if arch not in _compiled:
             raise RuntimeError(f"compile_check: this process already compiles for sm_{next(iter(_compiled))}")
@@ -145,10 +144,9 @@ def _attention(head_dim: int, causal: bool, dtype: torch.dtype, tma: bool = Fals
     # both of which Triton specialises (a GQA group of 1 drops dK/dV's loop over the group).
     q = torch.randn(2, 4, 256, head_dim, dtype=dtype)
     k = torch.randn(2, 4, 256, head_dim, dtype=dtype)
-    with contextlib.ExitStack() as stack:
-        if tma:
-            stack.enter_context(kernels.block_configs(fwd=(*kernels._FWD_CONFIGS[(kernels._block_d(head_dim), causal,
-                                                                                   dtype)][:4], True)))
+    # The TMA forward: the table's config, through tensor descriptors.
+    tma_fwd = (*kernels._FWD_CONFIGS[(kernels._block_d(head_dim), causal, dtype)][:4], True) if tma else None
+    with kernels.block_configs(fwd=tma_fwd):
         o, lse = kernels.attention_fwd(q, k, k, causal, head_dim ** -0.5)
         if not tma:
             kernels.attention_bwd(o, q, k, k, o, lse, causal, head_dim ** -0.5, deterministic)

@@ -32,7 +32,8 @@ Backward
     3. dQ (grid: B*Hq x query blocks): a program holds q/dO and loops over key blocks.
     Each output element is owned by exactly one program, so there are no atomics and the
     gradients are bit-for-bit reproducible.  p is recomputed twice (in 2 and 3): the price of
-    dropping atomics.
+    dropping atomics.  deterministic=False pays the other price instead: 2 also adds
+    scale * ds k into an fp32 dq with atomics, and 3 does not run.
 
 Numerics: all dot products accumulate in fp32 and the softmax statistics are fp32.  fp32
 inputs are multiplied in true fp32 (input_precision="ieee", never tf32); 16-bit inputs round
