@@ -19,6 +19,8 @@
 # left, and one that would start with less than its floor is skipped and named in the summary.
 # Benchmarks stopped by the limit keep the cases they finished.
 #
+# Call it with the device tool's timeout_s=600: the budget ends the steps by then, with time to pack.
+#
 # Results: the device tool returns at most 8 files, so everything goes into two under $OUT:
 # summary.txt (one line per step, then the tables) and session.tar.gz (logs, info, JSON results and
 # plots under <device-slug>/). Unpack it and commit <device-slug>/ under bench/results/.
