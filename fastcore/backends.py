@@ -1,6 +1,7 @@
 """Which backend runs an op: availability checks, ``auto`` selection and clear refusals."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -140,3 +141,9 @@ def _op_backends(op: str) -> tuple[str, ...]:
         return OPS[op]
     except KeyError:
         raise ValueError(f"unknown op {op!r}; fastcore has {', '.join(sorted(OPS))}") from None
+
+
+def triton_device(device: torch.device):
+    """A context in which Triton launches on ``device``: it takes the current CUDA device, not its
+    tensors', so tensors on another GPU would be read through the wrong one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -214,3 +214,24 @@ def test_the_checkouts_kernels_folder_leaves_the_name_kernels_to_pypi():
     else:
         assert first == "absent kernels", first
     assert second == "fastcore.kernels.attention"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: the tensors on one, the other current")
+def test_triton_launches_on_the_tensors_gpu_not_the_current_one():
+    """Triton launches on the current device: the ops must switch to their tensors' GPU first."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, device="cuda:1", requires_grad=True)
+    w = torch.randn(256, device="cuda:1", requires_grad=True)
+    q = torch.randn(1, 2, 64, 64, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        y = fastcore.rms_norm(x, w, backend="triton")
+        o = fastcore.attention(q, q, q, causal=True, backend="triton")
+        (y.square().sum() + o.square().sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, q)]
+    ry, ro = reference.rms_norm(leaves[0], leaves[1]), reference.attention(*[leaves[2]] * 3, causal=True)
+    (ry.square().sum() + ro.square().sum()).backward()
+    assert_close(y, ry, torch.float32, "rms_norm on cuda:1")
+    assert_close(o, ro, torch.float32, "attention on cuda:1")
+    for got, want in zip((x, w, q), leaves):
+        assert_close(got.grad, want.grad, torch.float32, "gradient on cuda:1")

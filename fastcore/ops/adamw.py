@@ -16,7 +16,6 @@ host ever reading a GPU value.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import numbers
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fastcore import reference
-from fastcore.backends import resolve_backend
+from fastcore.backends import resolve_backend, triton_device
 from fastcore.ops import launch_table
 
 Scalar = Union[float, Tensor]
@@ -177,7 +176,7 @@ def _launch(launch: Launch, grad_scale, found_inf) -> None:
         from fastcore.kernels import adamw as kernels
 
         # Triton launches on the current device; the tables alone do not tell it which.
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with triton_device(device):
             kernels.adamw_step(meta, hparams, chunks, dtype, grad_scale=grad_scale, found_inf=found_inf, **flags)
     else:
         from fastcore import extension

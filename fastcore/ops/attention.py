@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcore import reference
-from fastcore.backends import resolve_backend
+from fastcore.backends import resolve_backend, triton_device
 from fastcore.reference.attention import causal_keep
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -109,7 +109,8 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     """``deterministic`` is the backward's, kept here for it (see _setup_context)."""
     from fastcore.kernels import attention as kernels
 
-    return kernels.attention_fwd(q, k, v, causal, scale)
+    with triton_device(q.device):
+        return kernels.attention_fwd(q, k, v, causal, scale)
 
 
 _fwd = torch.library.custom_op("fastcore::attention_fwd", _fwd_impl, mutates_args=())
@@ -125,7 +126,8 @@ def _bwd_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
               scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fastcore.kernels import attention as kernels
 
-    return kernels.attention_bwd(do, q, k, v, o, lse, causal, scale, deterministic)
+    with triton_device(q.device):
+        return kernels.attention_bwd(do, q, k, v, o, lse, causal, scale, deterministic)
 
 
 _bwd = torch.library.custom_op("fastcore::attention_bwd", _bwd_impl, mutates_args=())

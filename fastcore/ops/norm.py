@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastcore import reference
-from fastcore.backends import resolve_backend
+from fastcore.backends import resolve_backend, triton_device
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -115,11 +115,12 @@ def _norm_fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     if backend == "triton":
         from fastcore.kernels import norm as kernels
 
-        if centered:
-            y, mean, rstd = kernels.layer_norm_fwd(rows, weight, bias, eps)
-        else:
-            y, rstd = kernels.rms_norm_fwd(rows, weight, eps)
-            mean = rstd.new_empty(0)
+        with triton_device(x.device):
+            if centered:
+                y, mean, rstd = kernels.layer_norm_fwd(rows, weight, bias, eps)
+            else:
+                y, rstd = kernels.rms_norm_fwd(rows, weight, eps)
+                mean = rstd.new_empty(0)
     else:
         from fastcore import extension
 
@@ -144,11 +145,12 @@ def _norm_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     if backend == "triton":
         from fastcore.kernels import norm as kernels
 
-        if centered:
-            dx, dw, db = kernels.layer_norm_bwd(drows, rows, weight, mean, rstd, has_bias)
-        else:
-            dx, dw = kernels.rms_norm_bwd(drows, rows, weight, rstd)
-            db = None
+        with triton_device(x.device):
+            if centered:
+                dx, dw, db = kernels.layer_norm_bwd(drows, rows, weight, mean, rstd, has_bias)
+            else:
+                dx, dw = kernels.rms_norm_bwd(drows, rows, weight, rstd)
+                db = None
     else:
         from fastcore import extension
 

@@ -7,7 +7,6 @@ address, numel), and int32 (tensor, chunk) rows, one per chunk.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import Sequence
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastcore import reference
-from fastcore.backends import resolve_backend, why_unavailable
+from fastcore.backends import resolve_backend, triton_device, why_unavailable
 from fastcore.ops import launch_table
 
 
@@ -58,7 +57,7 @@ def pack_unchecked(srcs: Sequence[Tensor], dsts: Sequence[Tensor], scale: float 
     if name == "triton":
         from fastcore.kernels import pack as kernels
 
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with triton_device(device):
             kernels.pack(meta, chunks, src_dtype, dst_dtype, float(scale))
     else:
         from fastcore import extension
