@@ -315,7 +315,7 @@ def _attn_bwd_delta_kernel(
 def _dkdv_inner(
     dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
     stride_qt, stride_qd, stride_dot, stride_dod,
-    offs_n, lo, hi, Tq, causal_off, qk_scale, scale,
+    offs_n, n_ok, lo, hi, Tq, causal_off, qk_scale, scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -346,7 +346,9 @@ def _dkdv_inner(
         dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
         dk = _mma(dsT, tl.trans(qT), dk, DOT_F32)
         if ATOMIC_DQ:
-            dq = _mma(tl.trans(dsT), k, None, DOT_F32) * scale
+            # Keys past Tk (zeros in k) have finite junk ds, which a 16-bit cast can make inf: zeroed,
+            # or inf * 0 would put NaN into every dq row.
+            dq = _mma(tl.trans(tl.where(n_ok[:, None], dsT, 0.0)), k, None, DOT_F32) * scale
             dq_ptrs = DQ_head + m64 * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
@@ -371,6 +373,7 @@ def _attn_bwd_dkdv_kernel(
     b = tl.cast(bhk // HKV, tl.int64)
     hk = tl.cast(bhk % HKV, tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Tk
     # Keys past Tk load as 0.  Their dk/dv rows may hold junk, but each row only depends on
     # its own key, and they are never stored.
     k = _load_block(K, b, hk, start_n, stride_kb, stride_kh, stride_kt, stride_kd, Tk, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -400,11 +403,11 @@ def _attn_bwd_dkdv_kernel(
         DQ_head = DQ + bh * Tq * HEAD_DIM
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, lo, mid, Tq, causal_off, qk_scale, scale,
+                             offs_n, n_ok, lo, mid, Tq, causal_off, qk_scale, scale,
                              True, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32, ATOMIC_DQ)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, LSE_head, Delta_head, DQ_head,
                              stride_qt, stride_qd, stride_dot, stride_dod,
-                             offs_n, mid, Tq, Tq, causal_off, qk_scale, scale,
+                             offs_n, n_ok, mid, Tq, Tq, causal_off, qk_scale, scale,
                              False, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_F32, ATOMIC_DQ)
 
     # ds was formed from unscaled scores' softmax; the chain rule through s = scale * q k^T

@@ -99,6 +99,23 @@ def test_nondeterministic_backward_matches_reference(device, backend, case, dtyp
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
+def test_nondeterministic_backward_with_very_negative_scores_in_fp16(device, backend):
+    """Every score near -22, so exp(-lse) overflows fp16: the padded keys of a partial key block must
+    not turn that into NaN in dq (non-causal, Tk not a multiple of any key block)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = (2 + 0.1 * torch.randn(1, 2, 20, 32, device=device, generator=gen)).half().requires_grad_()
+    k = (-2 + 0.1 * torch.randn(1, 2, 45, 32, device=device, generator=gen)).half().requires_grad_()
+    v = torch.randn(1, 2, 45, 32, device=device, generator=gen).half().requires_grad_()
+    out = fastcore.attention(q, k, v, backend=backend, deterministic=False)
+    do = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves)
+    for name, got, w in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, do.double())):
+        assert_close(got, w, torch.float16, f"atomic {name}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
 def test_nondeterministic_backward_skips_the_dq_kernel(device, backend, monkeypatch):
     from fastcore.kernels import attention as kernels
 
