@@ -95,7 +95,8 @@ def why_unavailable(backend: str, device, dtype: torch.dtype | None = None, op: 
             return "no CUDA GPU is available"
         reason = extension.why_unavailable()
         if reason is None and not extension.has_cuda():
-            return "the C++ extension builds without CUDA here (torch has no CUDA support or CUDA_HOME is unset)"
+            return ("the C++ extension builds without CUDA here (torch has no CUDA support, or no CUDA toolkit "
+                    "with its headers was found: set CUDA_HOME)")
         return reason
     return f"unknown backend {backend!r}"
 

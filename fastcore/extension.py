@@ -24,7 +24,9 @@ _error: str | None = None
 
 # -fno-math-errno lets loops with sqrt vectorise.
 CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", "-fno-math-errno"]
-CUDA_FLAGS = ["-O3", "--use_fast_math"]
+# No --use_fast_math: it flushes fp32 subnormals (pack's x * 1.0 would no longer be exact) and makes
+# AdamW's sqrt and division approximate; the kernels are memory-bound, so it bought nothing.
+CUDA_FLAGS = ["-O3"]
 
 
 def source_dir() -> Path | None:
@@ -43,9 +45,20 @@ def cache_dir() -> Path:
 
 
 def _cuda_wanted() -> bool:
+    return bool(torch.version.cuda) and torch.cuda.is_available() and cuda_home() is not None
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: torch's CUDA_HOME when it has the CUDA headers, else where nvcc
+    really lives, else /usr/local/cuda. torch guesses the folder above the first nvcc on PATH, which
+    for a wrapper script or a link (/usr/local/bin/nvcc) has no headers, and the build then fails."""
     from torch.utils import cpp_extension
 
-    return bool(torch.version.cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    nvcc = shutil.which("nvcc")
+    for home in (cpp_extension.CUDA_HOME, nvcc and str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
 
 
 def _sources(with_cuda: bool) -> list[Path]:
@@ -122,7 +135,10 @@ def has_cuda() -> bool:
 def _build_dir(with_cuda: bool) -> Path:
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = f"torch{torch.__version__}-{py}-{platform.machine()}-{_cpu_flags_digest()}"
-    return cache_dir() / "ext" / (tag + ("-cuda" if with_cuda else "-cpu"))
+    if with_cuda:  # built for this GPU's architecture (or TORCH_CUDA_ARCH_LIST's): another needs its own
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "sm{}{}".format(*torch.cuda.get_device_capability())
+        return cache_dir() / "ext" / f"{tag}-cuda-{re.sub(r'[^A-Za-z0-9.+]+', '_', archs)}"
+    return cache_dir() / "ext" / f"{tag}-cpu"
 
 
 def _digest(sources: list[Path]) -> str:
@@ -190,6 +206,8 @@ def _compile(sources: list[Path], build: Path, with_cuda: bool):
     from torch.utils import cpp_extension
 
     cflags = CXX_FLAGS + (["-DFASTCORE_WITH_CUDA"] if with_cuda else [])
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home()  # what cpp_extension builds with: it reads this global
     return cpp_extension.load(
         name="fastcore_C", sources=[str(s) for s in sources],
         extra_cflags=cflags, extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=["-fopenmp"],

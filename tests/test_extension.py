@@ -65,10 +65,8 @@ def test_without_a_compiler_cpp_backends_are_unavailable_and_the_rest_works(tmp_
 
 
 def _cuda_include():
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    inc = Path(CUDA_HOME or "/usr/local/cuda") / "include"
-    return inc if (inc / "cuda_runtime.h").exists() else None
+    home = extension.cuda_home()
+    return Path(home) / "include" if home else None
 
 
 @pytest.mark.skipif(not HAS_CPP or _cuda_include() is None, reason="needs a C++ compiler and the CUDA headers")
@@ -101,6 +99,38 @@ def test_cuda_backend_is_available_before_the_first_build(monkeypatch):
     assert fastcore.backends.why_unavailable("cuda", "cuda") is None
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
     assert "without CUDA" in fastcore.backends.why_unavailable("cuda", "cuda")
+
+
+def test_cuda_home_is_where_the_headers_are(tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME as the folder above the first nvcc on PATH; for a link in /usr/local/bin
+    that folder has no headers, and the build failed. The toolkit the link points to is taken."""
+    from torch.utils import cpp_extension
+
+    toolkit, bin_dir = tmp_path / "cuda-13.0", tmp_path / "local" / "bin"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    (toolkit / "bin").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "local"))  # torch's guess: no headers
+    assert extension.cuda_home() == str(toolkit)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    assert extension.cuda_home() == str(toolkit)
+
+
+def test_a_cuda_build_is_cached_per_gpu_architecture(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    h100 = extension._build_dir(True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert h100.name.endswith("-cuda-sm90") and extension._build_dir(True).name.endswith("-cuda-sm80")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert extension._build_dir(True).name.endswith("-cuda-8.0_9.0+PTX")
+    assert extension._build_dir(False).name.endswith("-cpu")
 
 
 @pytest.fixture
