@@ -153,10 +153,21 @@ def time_cpu(steps: dict[str, Callable], repeats: int, warmup: int = 3,
 
 
 def time_cuda(step: Callable) -> tuple[float, float]:
-    """(median ms, interquartile range ms) from CUDA events; do_bench flushes L2 between calls."""
+    """(median ms, interquartile range ms) from CUDA events; do_bench flushes L2 between calls.
+
+    do_bench's windows are milliseconds, not calls: a 50 ms training step would get 1-3 samples in
+    its default 100 ms. So the window is widened to at least MIN_REPEATS calls, timed from one call
+    after a first that may compile."""
     import triton.testing
 
-    q25, q50, q75 = triton.testing.do_bench(step, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    once = (time.perf_counter() - start) * 1e3
+    q25, q50, q75 = triton.testing.do_bench(step, warmup=max(25.0, 2 * once), rep=max(100.0, MIN_REPEATS * once),
+                                            quantiles=[0.25, 0.5, 0.75])
     return q50, q75 - q25
 
 

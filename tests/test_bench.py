@@ -316,6 +316,24 @@ def test_an_interrupted_run_keeps_the_cases_it_finished(tmp_path, capsys):
     assert "interrupted" not in harness.Run("cpu", {}).to_json()
 
 
+def test_gpu_timing_window_holds_enough_calls_of_a_long_step(monkeypatch):
+    """do_bench's windows are milliseconds: a 30 ms step gets one of at least MIN_REPEATS calls, a
+    microsecond kernel keeps the default 100 ms (thousands of calls)."""
+    triton_testing = pytest.importorskip("triton.testing")
+    windows = []
+
+    def do_bench(fn, warmup, rep, quantiles):
+        windows.append((warmup, rep))
+        return 1.0, 2.0, 3.0
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert harness.time_cuda(lambda: time.sleep(0.03)) == (2.0, 2.0)
+    assert harness.time_cuda(lambda: None) == (2.0, 2.0)
+    (warm_long, rep_long), (warm_short, rep_short) = windows
+    assert rep_long >= harness.MIN_REPEATS * 30 and warm_long >= 60
+    assert (warm_short, rep_short) == (25.0, 100.0)
+
+
 def test_real_clock_timings_are_sane():
     """The real clock: a provider that sleeps 3 ms takes at least that, and one that does not is faster."""
     def sleeper(x):

@@ -41,7 +41,11 @@ def init_from_env(timeout: timedelta = timedelta(minutes=10)) -> tuple[int, int,
         raise RuntimeError(f"init_from_env: {', '.join(missing)} not set; launch with torchrun "
                            "(e.g. torchrun --nproc-per-node 2 ...)")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"init_from_env: LOCAL_RANK {local} has no GPU of its own; this machine shows "
+                               f"{torch.cuda.device_count()} (start at most that many processes per node)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -224,8 +228,10 @@ class DataParallel(nn.Module):
     def _broadcast(self, t: Tensor) -> None:
         """Rank 0's values into ``t``; through a dense copy when ``t`` is not dense, since a collective
         on such a tensor leaves the receiving ranks' values as they were, with no error."""
-        if t.is_contiguous() or _dense(t):
+        if t.is_contiguous():
             dist.broadcast(t, self._src, group=self.process_group)
+        elif _dense(t):  # a transposed weight, say: NCCL refuses it, but its memory in 1-D is the same block
+            dist.broadcast(t.as_strided((t.numel(),), (1,)), self._src, group=self.process_group)
         else:
             dense = t.contiguous()
             dist.broadcast(dense, self._src, group=self.process_group)
@@ -252,7 +258,7 @@ class DataParallel(nn.Module):
         self._handles = [acc.register_hook(functools.partial(_param_grad, ref, i))
                          for i, acc in enumerate(self._grad_accs)]
         weakref.finalize(self, _remove, self._handles)
-        blocking = os.environ.get("TORCH_NCCL_BLOCKING_WAIT", "0") not in ("0", "")
+        blocking = any(os.environ.get(k, "0") not in ("0", "") for k in ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"))
         on_gpu = self._bucket_data and self._bucket_data[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
         self._clock = _GpuClock(self._bucket_data[0].device) if on_gpu and not blocking else _HostClock()
         self._stats: dict = {}

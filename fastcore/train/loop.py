@@ -361,6 +361,7 @@ def train(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns a summary (final step, losses, tokens/s, output directory)."""
     c = config.resolved(_world_size())
     device = resolve_device(c.device)
+    joined = _world_size() > 1 and not dist.is_initialized()  # a group we start, we end
     rank, world, dist_device = _distributed()
     if dist_device is not None and c.device is not None and dist_device.type != device.type:
         raise TrainError(f"--device {c.device}: under torchrun each rank takes {dist_device.type} "
@@ -487,6 +488,8 @@ def train(config: TrainConfig) -> dict:
         bar.close()
         if log is not None:
             log.close()
+        if joined:  # NCCL warns at exit about a group left standing, whose last work may be unfinished
+            dist.destroy_process_group()
     return {"steps": c.steps, "start_step": start, "loss": loss_value, "val_loss": val_loss,
             "tokens_per_s": rate, "out": str(out), "params": raw.num_params(), "world_size": world}
 
