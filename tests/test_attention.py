@@ -46,6 +46,12 @@ def make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout="contiguous"):
 def check(device, backend, case, dtype=torch.float32, layout="contiguous", scale=None, deterministic=True):
     b, hq, hkv, tq, tk, d, causal = case
     q, k, v = make_qkv(b, hq, hkv, tq, tk, d, dtype, device, layout)
+    check_inputs(q, k, v, backend, causal, scale, deterministic, f"{backend} {case} {dtype}")
+
+
+def check_inputs(q, k, v, backend, causal=False, scale=None, deterministic=True, what="attention"):
+    """Output and the gradients of q, k and v (leaves of q's dtype) against the float64 reference."""
+    dtype = q.dtype
     out = fastcore.attention(q, k, v, causal=causal, scale=scale, backend=backend, deterministic=deterministic)
     assert out.shape == q.shape and out.dtype == dtype
     do = torch.randn_like(out)
@@ -53,7 +59,6 @@ def check(device, backend, case, dtype=torch.float32, layout="contiguous", scale
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = reference.attention(*leaves, causal=causal, scale=scale)
     rq, rk, rv = torch.autograd.grad(ref, leaves, do.double())
-    what = f"{backend} {case} {dtype}"
     assert_close(out, ref, dtype, f"{what} out")
     for name, got, want in (("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
         assert got.shape == want.shape and got.dtype == dtype, f"{what} {name}: shape or dtype"
@@ -106,13 +111,7 @@ def test_nondeterministic_backward_with_very_negative_scores_in_fp16(device, bac
     q = (2 + 0.1 * torch.randn(1, 2, 20, 32, device=device, generator=gen)).half().requires_grad_()
     k = (-2 + 0.1 * torch.randn(1, 2, 45, 32, device=device, generator=gen)).half().requires_grad_()
     v = torch.randn(1, 2, 45, 32, device=device, generator=gen).half().requires_grad_()
-    out = fastcore.attention(q, k, v, backend=backend, deterministic=False)
-    do = torch.randn_like(out)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.attention(*leaves)
-    for name, got, w in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, do.double())):
-        assert_close(got, w, torch.float16, f"atomic {name}")
+    check_inputs(q, k, v, backend, deterministic=False, what="atomic, scores near -22")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backends("attention") if p[1] == "triton"])
@@ -122,14 +121,8 @@ def test_nondeterministic_backward_skips_the_dq_kernel(device, backend, monkeypa
     class NotLaunched:
         def __getitem__(self, grid):
             raise AssertionError("the dQ kernel was launched on the atomic path")
-    q, k, v = make_qkv(1, 2, 1, 19, 23, 16, torch.float32, device)
-    out = fastcore.attention(q, k, v, causal=True, backend=backend, deterministic=False)
     monkeypatch.setattr(kernels, "_attn_bwd_dq_kernel", NotLaunched())
-    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.autograd.grad(reference.attention(*leaves, causal=True).sum(), leaves)
-    for name, got, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-        assert_close(got, w, torch.float32, f"atomic {name}")
+    check(device, backend, (1, 2, 1, 19, 23, 16, True), deterministic=False)
 
 
 def test_reference_against_the_definition():

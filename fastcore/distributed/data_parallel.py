@@ -258,7 +258,8 @@ class DataParallel(nn.Module):
         self._handles = [acc.register_hook(functools.partial(_param_grad, ref, i))
                          for i, acc in enumerate(self._grad_accs)]
         weakref.finalize(self, _remove, self._handles)
-        blocking = any(os.environ.get(k, "0") not in ("0", "") for k in ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"))
+        blocking = any(os.environ.get(k, "0") not in ("0", "")
+                       for k in ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"))
         on_gpu = self._bucket_data and self._bucket_data[0].is_cuda and dist.get_backend(self.process_group) == "nccl"
         self._clock = _GpuClock(self._bucket_data[0].device) if on_gpu and not blocking else _HostClock()
         self._stats: dict = {}

@@ -37,17 +37,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     vary from run to run; the other backends are deterministic either way.
     """
     q, k, v = _autocast(q, k, v)
-    _check_args(q, k, v, causal, scale)
-    if not isinstance(deterministic, (bool, np.bool_)):
-        raise TypeError(f"attention: deterministic must be a bool, got {type(deterministic).__name__}")
-    causal = bool(causal)
+    _check_args(q, k, v, causal, scale, deterministic)
+    causal, deterministic = bool(causal), bool(deterministic)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = resolve_backend("attention", backend, q.device, q.dtype)
     if name == "reference":
         return reference.attention(q, k, v, causal, scale)
     if name == "cpu":
         return _sdpa(q, k, v, causal, scale)
-    return torch.ops.fastcore.attention_fwd(q, k, v, causal, scale, bool(deterministic))[0]
+    return torch.ops.fastcore.attention_fwd(q, k, v, causal, scale, deterministic)[0]
 
 
 def _autocast(q, k, v) -> tuple:
@@ -58,7 +56,7 @@ def _autocast(q, k, v) -> tuple:
                  for t in (q, k, v))
 
 
-def _check_args(q, k, v, causal, scale) -> None:
+def _check_args(q, k, v, causal, scale, deterministic) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -82,8 +80,9 @@ def _check_args(q, k, v, causal, scale) -> None:
         raise ValueError(f"attention: q's heads ({q.shape[1]}) must be a multiple of k/v's heads ({k.shape[1]})")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention: lengths must be >= 1, got Tq={q.shape[2]} and Tk={k.shape[2]}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"attention: causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
+    for name, flag in (("causal", causal), ("deterministic", deterministic)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"attention: {name} must be a bool, got {type(flag).__module__}.{type(flag).__name__}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
