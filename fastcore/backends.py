@@ -95,7 +95,7 @@ def why_unavailable(backend: str, device, dtype: torch.dtype | None = None, op: 
             return "no CUDA GPU is available"
         reason = extension.why_unavailable()
         if reason is None and not extension.has_cuda():
-            return ("the C++ extension builds without CUDA here (torch has no CUDA support, or no CUDA toolkit "
+            return extension.cuda_error() or ("the C++ extension builds without CUDA here (torch has no CUDA support, or no CUDA toolkit "
                     "with its headers was found: set CUDA_HOME)")
         return reason
     return f"unknown backend {backend!r}"
@@ -125,6 +125,8 @@ def resolve_backend(op: str, backend: str, device, dtype: torch.dtype | None = N
             if name in backends and why_unavailable(name, device, dtype, op) is None:
                 if name in ("cpu", "cuda") and op not in CPU_DELEGATES and not extension.try_load():
                     continue  # the build failed; try_load warned once
+                if name == "cuda" and not extension.has_cuda():
+                    continue  # its CUDA kernels failed to build: the extension loaded for CPU alone
                 return name
         return "reference"
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -132,6 +134,12 @@ def resolve_backend(op: str, backend: str, device, dtype: torch.dtype | None = N
     if backend not in backends:
         raise ValueError(f"{op}: backend {backend!r} is not implemented for this op; it has {', '.join(backends)}")
     reason = why_unavailable(backend, device, dtype, op)
+    if reason is None and backend == "cuda":
+        from fastcore import extension
+
+        with contextlib.suppress(RuntimeError):  # a failed build is the reason below
+            extension.load()  # its CUDA kernels may fail to build, leaving it for CPU alone
+        reason = why_unavailable(backend, device, dtype, op)
     if reason is not None:
         raise RuntimeError(f"{op}: backend {backend!r} cannot run here: {reason}")
     return backend

@@ -3,10 +3,13 @@
 The build is cached per (torch, python, CPU flags, CUDA) and serialised with an
 exclusive file lock, so several processes starting at once build it once.
 If no compiler is found the ``cpu``/``cuda`` backends report why, and
-everything else keeps working.
+everything else keeps working. If only the CUDA part fails to build, the extension is built
+for CPU alone, the ``cuda`` backend reports the compiler's error, and the failure is
+remembered in the cache, so later processes do not try again.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -21,6 +24,8 @@ import torch
 
 _module = None
 _error: str | None = None
+_cuda_error: str | None = None  # why the CUDA build failed, when the extension fell back to CPU alone
+_FAILED = "fastcore.failed"  # in a CUDA build's directory: what it was built from, and its error
 
 # -fno-math-errno lets loops with sqrt vectorise.
 CXX_FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast", "-fno-math-errno"]
@@ -114,12 +119,15 @@ def why_unavailable() -> str | None:
 
 def state() -> str:
     """One line for `fastcore info`."""
+    failed = f"; CUDA: {cuda_error()}" if cuda_error() else ""
     if _module is not None:
-        return f"loaded ({'CPU+CUDA' if has_cuda() else 'CPU'}) from {_module.__file__}"
+        return f"loaded ({'CPU+CUDA' if has_cuda() else 'CPU'}) from {_module.__file__}{failed}"
     reason = why_unavailable()
     if reason is not None:
         return f"unavailable: {reason}"
-    build = _build_dir(_cuda_wanted())
+    build = _build_dir(has_cuda())
+    if failed:
+        return f"CPU alone{failed}"
     if (build / "fastcore.stamp").exists():
         return f"built, cached in {build}"
     return f"not built yet; compiles on first use into {build}"
@@ -129,7 +137,33 @@ def has_cuda() -> bool:
     """Whether the extension has (or, once built here, will have) its CUDA kernels."""
     if _module is not None:
         return bool(getattr(_module, "WITH_CUDA", False))
-    return _cuda_wanted()
+    return _cuda_wanted() and cuda_error() is None
+
+
+def cuda_error() -> str | None:
+    """Why the CUDA part of the extension failed to build (here, or in an earlier process), if it did."""
+    if _cuda_error is not None or _module is not None or not _cuda_wanted():
+        return _cuda_error
+    reason = _remembered_cuda_failure()
+    return reason and _cuda_failure(reason)
+
+
+def _cuda_failure(reason: str) -> str:
+    return f"building its CUDA kernels failed: {reason} (delete {_build_dir(True)} to try again)"
+
+
+def _remembered_cuda_failure() -> str | None:
+    """The compiler's error from the last CUDA build with this toolkit and these sources, if it failed."""
+    try:
+        key, reason = (_build_dir(True) / _FAILED).read_text().split("\n", 1)
+    except (OSError, ValueError):
+        return None
+    return reason if key == _failure_key() else None
+
+
+def _failure_key() -> str:
+    # The toolkit and the sources: another toolkit (CUDA_HOME) or changed sources get a new try.
+    return f"{_digest(_sources(True))} {cuda_home()}"
 
 
 def _build_dir(with_cuda: bool) -> Path:
@@ -151,15 +185,49 @@ def _digest(sources: list[Path]) -> str:
 
 
 def load():
-    """Build (once, cached) and import ``fastcore._C``; raise RuntimeError saying why when it cannot."""
-    global _module, _error
+    """Build (once, cached) and import ``fastcore._C``; raise RuntimeError saying why when it cannot.
+
+    When the CUDA build fails, the extension is built for CPU alone, with a warning, and the
+    failure is written into the CUDA build's directory: delete it to try again."""
+    global _module, _error, _cuda_error
     if _module is not None:
         return _module
     reason = why_unavailable()
     if reason is not None:
         raise RuntimeError(f"the fastcore C++ extension is unavailable: {reason}")
+    module = None
+    try:
+        if _cuda_wanted():
+            try:
+                module = _build_and_import(True)
+            except _BuildFailed as exc:
+                _cuda_error = _cuda_failure(str(exc))
+                warnings.warn(f"the fastcore C++ extension: {_cuda_error}; it is built for CPU alone, and the "
+                              "'cuda' backend is unavailable", RuntimeWarning, stacklevel=2)
+        module = module or _build_and_import(False)
+    except _BuildFailed as exc:
+        _error = f"building it failed: {exc}"
+        raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from exc.__cause__
+    except _CacheUnwritable as exc:
+        _error = f"{exc}; set FASTCORE_CACHE_DIR to a writable directory"
+        raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from None
+    sys.modules["fastcore._C"] = module
+    _module = module
+    return module
 
-    with_cuda = _cuda_wanted()
+
+class _BuildFailed(Exception):
+    """The compiler's error, shortened."""
+
+
+class _CacheUnwritable(Exception):
+    """A file in the way, a read-only or unwritable cache."""
+
+
+def _build_and_import(with_cuda: bool):
+    """The extension, with or without its CUDA kernels: from the cache when its stamp matches the
+    sources, else compiled, under an exclusive lock on its build directory. A CUDA build that failed
+    with this toolkit and these sources is not tried again (other ranks wait on the lock meanwhile)."""
     sources = _sources(with_cuda)
     build = _build_dir(with_cuda)
     stamp = build / "fastcore.stamp"
@@ -167,13 +235,14 @@ def load():
     try:
         build.mkdir(parents=True, exist_ok=True)
         lock = open(build / "fastcore.lock", "w")
-    except OSError as exc:  # a file in the way, a read-only or unwritable cache
-        _error = (f"its cache directory {build} cannot be written ({exc.strerror}); "
-                  "set FASTCORE_CACHE_DIR to a writable directory")
-        raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from None
+    except OSError as exc:
+        raise _CacheUnwritable(f"its cache directory {build} cannot be written ({exc.strerror})") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
         try:
+            remembered = _remembered_cuda_failure() if with_cuda else None
+            if remembered is not None:
+                raise _BuildFailed(remembered)
             # torch's own baton file outlives a killed build and would block forever; we hold the lock.
             (build / "lock").unlink(missing_ok=True)
             fresh = not (stamp.exists() and stamp.read_text() == digest)
@@ -192,13 +261,17 @@ def load():
                     fresh = True  # a cached build that does not load (a truncated .so): built again, once
             if fresh:
                 stamp.write_text(digest)
+            (build / _FAILED).unlink(missing_ok=True)  # one from another toolkit or other sources
+        except _BuildFailed:
+            raise
         except Exception as exc:  # compiler errors: keep the reason, let other backends run
-            _error = f"building it failed: {_build_error(exc)}"
-            raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from exc
+            reason = _build_error(exc)
+            if with_cuda:
+                with contextlib.suppress(OSError):
+                    (build / _FAILED).write_text(f"{_failure_key()}\n{reason}")
+            raise _BuildFailed(reason) from exc
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    sys.modules["fastcore._C"] = module
-    _module = module
     return module
 
 

@@ -89,13 +89,15 @@ def test_cuda_binding_type_checks(tmp_path):
         assert proc.returncode == 0, f"{binding.name}: {proc.stderr[-4000:]}"
 
 
-def test_cuda_backend_is_available_before_the_first_build(monkeypatch):
+def test_cuda_backend_is_available_before_the_first_build(monkeypatch, tmp_path):
     """On a GPU machine the cuda backend must be listed before anything has loaded the extension."""
     if extension.why_unavailable() is not None:
         pytest.skip("no C++ toolchain here")
     monkeypatch.setattr(extension, "_module", None)
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))  # no remembered failure of a CUDA build
     assert fastcore.backends.why_unavailable("cuda", "cuda") is None
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
     assert "without CUDA" in fastcore.backends.why_unavailable("cuda", "cuda")
@@ -203,3 +205,70 @@ def test_the_compiler_is_the_one_torch_runs(monkeypatch, tmp_path):
     assert extension._compiler() is None  # torch would not fall back to g++ either
     monkeypatch.delenv("CXX")
     assert extension._compiler() == shutil.which("c++")
+
+
+NVCC_ERROR = RuntimeError("Error building extension 'fastcore_C': [1/9] nvcc -c norm.cu\n"
+                          "norm.cu:1:10: fatal error: cuda_bf16.h: No such file or directory\n"
+                          "ninja: build stopped: subcommand failed.")
+
+
+@pytest.fixture
+def cuda_build(fake_build, monkeypatch):
+    """fake_build on a GPU machine: which builds load() compiles, with CUDA or without."""
+    calls, failures = fake_build
+    monkeypatch.setattr(extension, "_cuda_wanted", lambda: True)
+    monkeypatch.setattr(extension, "_cuda_error", None)
+    monkeypatch.setattr(extension, "cuda_home", lambda: "/opt/cuda-a")
+    monkeypatch.setattr(extension, "_digest", lambda sources: "A")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    compiled, inner = [], extension._compile
+
+    def compile_(sources, build, with_cuda):
+        compiled.append(with_cuda)
+        return inner(sources, build, with_cuda)
+    monkeypatch.setattr(extension, "_compile", compile_)
+    return compiled, failures
+
+
+def _new_process():
+    extension._module = extension._cuda_error = None
+
+
+def test_a_failed_cuda_build_leaves_the_extension_for_cpu_alone(cuda_build):
+    compiled, failures = cuda_build
+    failures.append(NVCC_ERROR)
+    with pytest.warns(RuntimeWarning, match=r"building its CUDA kernels failed: norm\.cu:1:10: fatal error: "
+                                            r"cuda_bf16\.h.* it is built for CPU alone"):
+        module = extension.load()
+    assert compiled == [True, False] and module.__file__.endswith("-cpu/fastcore_C.so")
+    assert not extension.has_cuda()
+    assert "cuda_bf16.h: No such file" in extension.state()
+    # The cuda backend names the compiler's error; the cpu backend runs.
+    assert "cuda_bf16.h: No such file" in fastcore.backends.why_unavailable("cuda", "cuda")
+    assert fastcore.backends.why_unavailable("cpu", "cpu") is None
+    with pytest.raises(RuntimeError, match=r"pack: backend 'cuda' cannot run here: building its CUDA kernels failed"):
+        fastcore.backends.resolve_backend("pack", "cuda", torch.device("cuda"), torch.float32)
+
+
+def test_a_failed_cuda_build_is_not_tried_again_until_the_toolkit_or_sources_change(cuda_build, monkeypatch):
+    compiled, failures = cuda_build
+    failures.append(NVCC_ERROR)
+    with pytest.warns(RuntimeWarning):
+        extension.load()
+    _new_process()
+    # Known before anything loads: the cuda backend is not offered, and the next process warns again.
+    assert not extension.has_cuda() and "cuda_bf16.h" in fastcore.backends.why_unavailable("cuda", "cuda")
+    with pytest.warns(RuntimeWarning, match=r"cuda_bf16\.h.*delete .*-cuda-sm90 to try again"):
+        extension.load()
+    assert compiled == [True, False, False]  # the CPU build, from its cache
+    _new_process()
+    monkeypatch.setattr(extension, "cuda_home", lambda: "/opt/cuda-b")  # another toolkit: tried, and it builds
+    assert extension.has_cuda()
+    extension.load()
+    assert compiled == [True, False, False, True]
+    _new_process()
+    monkeypatch.setattr(extension, "cuda_home", lambda: "/opt/cuda-a")  # the failure was forgotten on success
+    extension.load()
+    assert compiled == [True, False, False, True, True]
