@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -209,6 +210,9 @@ class Batches:
         self._thread.join(timeout=5)
 
 
+PREPARE_TIMEOUT = timedelta(hours=24)  # how long other ranks wait for rank 0 to prepare --data
+
+
 def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
     """A prepared data directory: the default corpus, a prepared directory given by --data, or
     raw inputs prepared (byte tokenizer) into ``OUT/data`` and reused while they are unchanged.
@@ -216,6 +220,9 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
     if len(c.data) == 1 and (Path(c.data[0]) / "meta.json").is_file():
         return Path(c.data[0])
     target, error = Path(c.out) / "data", None
+    # Preparing a large corpus can outlast the timeout that bounds every collective: the others wait
+    # on a group of their own. A rank 0 that dies still ends their wait at once (its sockets close).
+    waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT) if world > 1 else None
     if rank == 0:
         try:
             if c.data:
@@ -226,7 +233,8 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
             error = exc
     if world > 1:  # rank 0's error reaches every rank, so each stops with the same line
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
         error = box[0]
     if error is not None:
         raise error
