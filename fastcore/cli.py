@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastcore build: {exc}", file=sys.stderr)
             return 1
         print(f"fastcore build: {extension.state()}")
-        return 0
+        return 1 if extension.cuda_error() else 0  # built for CPU alone, where CUDA was wanted
     return 2
 
 

@@ -252,6 +252,18 @@ def test_a_failed_cuda_build_leaves_the_extension_for_cpu_alone(cuda_build):
         fastcore.backends.resolve_backend("pack", "cuda", torch.device("cuda"), torch.float32)
 
 
+def test_fastcore_build_fails_when_the_cuda_kernels_do_not_build(cuda_build, capsys):
+    from fastcore import cli
+
+    cuda_build[1].append(NVCC_ERROR)
+    with pytest.warns(RuntimeWarning):
+        assert cli.main(["build"]) == 1
+    assert "loaded (CPU)" in capsys.readouterr().out  # the CPU build is there for the cpu backends
+    _new_process()
+    with pytest.warns(RuntimeWarning):
+        assert cli.main(["build"]) == 1  # and stays a failure while the toolkit is the same
+
+
 def test_a_failed_cuda_build_is_not_tried_again_until_the_toolkit_or_sources_change(cuda_build, monkeypatch):
     compiled, failures = cuda_build
     failures.append(NVCC_ERROR)
