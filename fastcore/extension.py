@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -74,6 +75,7 @@ def _sources(with_cuda: bool) -> list[Path]:
     return files
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_flags_digest() -> str:
     # -march=native code must never be reused on a CPU with fewer instructions.
     try:
@@ -156,7 +158,7 @@ def _remembered_cuda_failure() -> str | None:
     """The compiler's error from the last CUDA build with this toolkit and these sources, if it failed."""
     try:
         key, reason = (_build_dir(True) / _FAILED).read_text().split("\n", 1)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none: the usual case, without hashing the sources
         return None
     return reason if key == _failure_key() else None
 
