@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fastcore.files import write_text_atomic
+
 _module = None
 _error: str | None = None
 _cuda_error: str | None = None  # why the CUDA build failed, when the extension fell back to CPU alone
@@ -121,7 +123,8 @@ def why_unavailable() -> str | None:
 
 def state() -> str:
     """One line for `fastcore info`."""
-    failed = f"; CUDA: {cuda_error()}" if cuda_error() else ""
+    failed = cuda_error()
+    failed = f"; CUDA: {failed}" if failed else ""
     if _module is not None:
         return f"loaded ({'CPU+CUDA' if has_cuda() else 'CPU'}) from {_module.__file__}{failed}"
     reason = why_unavailable()
@@ -164,8 +167,20 @@ def _remembered_cuda_failure() -> str | None:
 
 
 def _failure_key() -> str:
-    # The toolkit and the sources: another toolkit (CUDA_HOME) or changed sources get a new try.
-    return f"{_digest(_sources(True))} {cuda_home()}"
+    """What a CUDA build's compiler error depends on: the sources, the toolkit (its folder and
+    version.json, so an upgrade in place counts) and the host compiler nvcc runs."""
+    home = cuda_home()
+    try:
+        version = hashlib.sha1((Path(home) / "version.json").read_bytes()).hexdigest()[:8] if home else ""
+    except OSError:
+        version = ""
+    host = [os.environ.get(k, "") for k in ("CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS")]
+    return " ".join([_digest(_sources(True)), str(home), version, str(_compiler()), *host])
+
+
+def _is_compiler_error(reason: str) -> bool:
+    # Worth remembering: the same sources and tools fail the same way. A killed nvcc or a full disk is not.
+    return bool(re.search(r": (fatal )?error:|nvcc fatal|#error", reason))
 
 
 def _build_dir(with_cuda: bool) -> Path:
@@ -204,9 +219,11 @@ def load():
                 module = _build_and_import(True)
             except _BuildFailed as exc:
                 _cuda_error = _cuda_failure(str(exc))
+        if module is None:
+            module = _build_and_import(False)
+            if _cuda_error is not None:
                 warnings.warn(f"the fastcore C++ extension: {_cuda_error}; it is built for CPU alone, and the "
                               "'cuda' backend is unavailable", RuntimeWarning, stacklevel=2)
-        module = module or _build_and_import(False)
     except _BuildFailed as exc:
         _error = f"building it failed: {exc}"
         raise RuntimeError(f"the fastcore C++ extension is unavailable: {_error}") from exc.__cause__
@@ -268,9 +285,9 @@ def _build_and_import(with_cuda: bool):
             raise
         except Exception as exc:  # compiler errors: keep the reason, let other backends run
             reason = _build_error(exc)
-            if with_cuda:
+            if with_cuda and _is_compiler_error(reason):
                 with contextlib.suppress(OSError):
-                    (build / _FAILED).write_text(f"{_failure_key()}\n{reason}")
+                    write_text_atomic(build / _FAILED, f"{_failure_key()}\n{reason}")
             raise _BuildFailed(reason) from exc
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -284,7 +301,9 @@ def _compile(sources: list[Path], build: Path, with_cuda: bool):
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home()  # what cpp_extension builds with: it reads this global
     return cpp_extension.load(
-        name="fastcore_C", sources=[str(s) for s in sources],
+        # Two names: torch renames a second build of one name in a process (fastcore_C_v1), and a CPU
+        # build after a failed CUDA one would then be compiled again by the next process.
+        name="fastcore_C_cuda" if with_cuda else "fastcore_C", sources=[str(s) for s in sources],
         extra_cflags=cflags, extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(source_dir())],
         build_directory=str(build), with_cuda=with_cuda, verbose=False)

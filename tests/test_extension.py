@@ -97,6 +97,7 @@ def test_cuda_backend_is_available_before_the_first_build(monkeypatch, tmp_path)
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(extension, "_cuda_error", None)
     monkeypatch.setenv("FASTCORE_CACHE_DIR", str(tmp_path))  # no remembered failure of a CUDA build
     assert fastcore.backends.why_unavailable("cuda", "cuda") is None
     monkeypatch.setattr(extension, "_cuda_wanted", lambda: False)
@@ -151,7 +152,7 @@ def fake_build(tmp_path, monkeypatch):
             raise failures.pop(0)
         (build / "fastcore_C.so").write_text("built")
         (build / "norm.o").write_text("object")
-        return type("Module", (), {"__file__": str(build / "fastcore_C.so")})()
+        return type("Module", (), {"__file__": str(build / "fastcore_C.so"), "WITH_CUDA": with_cuda})()
     monkeypatch.setattr(extension, "_compile", compile_)
     monkeypatch.setitem(sys.modules, "fastcore._C", None)
     return calls, failures
@@ -279,8 +280,33 @@ def test_a_failed_cuda_build_is_not_tried_again_until_the_toolkit_or_sources_cha
     monkeypatch.setattr(extension, "cuda_home", lambda: "/opt/cuda-b")  # another toolkit: tried, and it builds
     assert extension.has_cuda()
     extension.load()
-    assert compiled == [True, False, False, True]
+    assert compiled == [True, False, False, True] and extension.has_cuda()
     _new_process()
     monkeypatch.setattr(extension, "cuda_home", lambda: "/opt/cuda-a")  # the failure was forgotten on success
     extension.load()
     assert compiled == [True, False, False, True, True]
+
+
+def test_a_cuda_build_that_did_not_reach_the_compiler_is_tried_again(cuda_build):
+    compiled, failures = cuda_build
+    failures.append(RuntimeError("Error building extension 'fastcore_C_cuda': [3/9] nvcc -c adamw.cu\n"
+                                 "Killed\nninja: build stopped: subcommand failed."))  # out of memory, say
+    with pytest.warns(RuntimeWarning, match="build stopped"):
+        extension.load()
+    _new_process()
+    assert extension.has_cuda()
+    extension.load()
+    assert compiled == [True, False, True]
+
+
+def test_the_cpu_and_cuda_builds_have_their_own_names(monkeypatch, tmp_path):
+    """torch renames a second build of one name in a process (name_v1): a CPU build after a failed CUDA
+    build would get another name, and the next process would compile it all again."""
+    from torch.utils import cpp_extension
+
+    names = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: names.append((kw["name"], kw["with_cuda"])))
+    monkeypatch.setattr(extension, "cuda_home", lambda: str(tmp_path))
+    for with_cuda in (True, False):
+        extension._compile([], tmp_path, with_cuda)
+    assert names == [("fastcore_C_cuda", True), ("fastcore_C", False)]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
+import pickle
 import queue
 import random
 import shutil
@@ -211,6 +213,7 @@ class Batches:
 
 
 PREPARE_TIMEOUT = timedelta(hours=24)  # how long other ranks wait for rank 0 to prepare --data
+_PREPARED = itertools.count()  # a key per call: the same sequence on every rank
 
 
 def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
@@ -220,9 +223,6 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
     if len(c.data) == 1 and (Path(c.data[0]) / "meta.json").is_file():
         return Path(c.data[0])
     target, error = Path(c.out) / "data", None
-    # Preparing a large corpus can outlast the timeout that bounds every collective: the others wait
-    # on a group of their own. A rank 0 that dies still ends their wait at once (its sockets close).
-    waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT) if world > 1 else None
     if rank == 0:
         try:
             if c.data:
@@ -232,10 +232,15 @@ def _resolve_data(c: TrainConfig, rank: int, world: int) -> Path:
         except (TrainError, data.DataError) as exc:
             error = exc
     if world > 1:  # rank 0's error reaches every rank, so each stops with the same line
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=waiting)
-        dist.destroy_process_group(waiting)
-        error = box[0]
+        # Preparing a large corpus can outlast the timeout that bounds every collective: the others
+        # wait on the process group's key-value store instead. If rank 0 exits, torchrun stops them
+        # (or, without its agent, the store rank 0 serves closes and their wait fails at once).
+        store, key = dist.distributed_c10d._get_default_store(), f"fastcore/prepared/{next(_PREPARED)}"
+        if rank == 0:
+            store.set(key, pickle.dumps(error))
+        else:
+            store.wait([key], PREPARE_TIMEOUT)
+            error = pickle.loads(store.get(key))
     if error is not None:
         raise error
     if rank != 0 and not c.data:
