@@ -130,9 +130,9 @@ def state() -> str:
     reason = why_unavailable()
     if reason is not None:
         return f"unavailable: {reason}"
-    build = _build_dir(has_cuda())
     if failed:
         return f"CPU alone{failed}"
+    build = _build_dir(_cuda_wanted())
     if (build / "fastcore.stamp").exists():
         return f"built, cached in {build}"
     return f"not built yet; compiles on first use into {build}"
@@ -257,11 +257,11 @@ def _build_and_import(with_cuda: bool):
     except OSError as exc:
         raise _CacheUnwritable(f"its cache directory {build} cannot be written ({exc.strerror})") from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies, and on close
+        remembered = _remembered_cuda_failure() if with_cuda else None
+        if remembered is not None:
+            raise _BuildFailed(remembered)
         try:
-            remembered = _remembered_cuda_failure() if with_cuda else None
-            if remembered is not None:
-                raise _BuildFailed(remembered)
             # torch's own baton file outlives a killed build and would block forever; we hold the lock.
             (build / "lock").unlink(missing_ok=True)
             fresh = not (stamp.exists() and stamp.read_text() == digest)
@@ -281,8 +281,6 @@ def _build_and_import(with_cuda: bool):
             if fresh:
                 stamp.write_text(digest)
             (build / _FAILED).unlink(missing_ok=True)  # one from another toolkit or other sources
-        except _BuildFailed:
-            raise
         except Exception as exc:  # compiler errors: keep the reason, let other backends run
             reason = _build_error(exc)
             if with_cuda and _is_compiler_error(reason):

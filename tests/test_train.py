@@ -285,6 +285,12 @@ def test_raw_inputs_are_prepared_into_the_run(tmp_path):
     assert meta["train_tokens"] + meta["val_tokens"] == len(text.read_bytes()) + 1   # bytes + end-of-text
 
 
+def torchrun(*options: str) -> list[str]:
+    """The command that starts 2 local ranks, up to the script to run."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *options,
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_torchrun_two_gloo_ranks_match_one_rank(corpus, tmp_path, compiled):
     # 4 micro-batches: each rank accumulates 2, the first under no_sync. Compiled, the ranks compile
@@ -296,8 +302,7 @@ def test_torchrun_two_gloo_ranks_match_one_rank(corpus, tmp_path, compiled):
             "--no-progress"]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "fastcore", *args,
+    run = subprocess.run([*torchrun(), "-m", "fastcore", *args,
                           "--out", str(tmp_path / "two"), *(["--compile"] if compiled else [])],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -328,8 +333,7 @@ def test_torchrun_bad_input_is_one_line_from_every_rank(tmp_path, bad):
     extra = ["--data", str(empty)] if bad == "data" else ["--tensorboard"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(stub.parent), *sys.path]))
     # A slow monitor: torchrun stops the other ranks once one has failed; give them time to print.
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "3",
-                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "fastcore", "train",
+    run = subprocess.run([*torchrun("--monitor-interval", "3"), "-m", "fastcore", "train",
                           "--steps", "2", "--no-progress", "--out", str(tmp_path / "run"), *extra],
                          env=env, capture_output=True, text=True, timeout=180)
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("fastcore train:")]
@@ -359,8 +363,7 @@ def test_torchrun_ranks_wait_for_rank_0_to_prepare_longer_than_the_collective_ti
     raw.mkdir()
     (raw / "text.py").write_text(inspect.getsource(textwrap))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), "train",
+    run = subprocess.run([*torchrun(), str(script), "train",
                           "--data", str(raw), "--steps", "2", "--batch-size", "2", "--device", "cpu", "--n-layer", "1",
                           "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--eval-every", "2", "--no-progress", "--no-tensorboard",
                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
